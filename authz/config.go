@@ -1,0 +1,163 @@
+package authz
+
+import (
+	"fmt"
+	"net/http"
+	"regexp"
+	"strings"
+
+	"github.com/tokenauthz/tokenauthz/verify"
+)
+
+// Config is the decision policy: issuers, routes and claim headers.
+type Config struct {
+	Issuers []verify.IssuerConfig `yaml:"issuers"`
+	// Routes are matched in order; the first match wins. Envoy's per-route
+	// context_extensions["route"] names a route directly and beats matching.
+	// A request that matches no route is denied.
+	Routes []RouteConfig `yaml:"routes"`
+	// Headers maps an upstream header to a claim (dotted path for nested
+	// claims). Set with overwrite on allow; removed when the token lacks the
+	// claim, and on anonymous routes, so a client can never supply them.
+	Headers map[string]string `yaml:"headers"`
+	// ReservedHeaderPrefix: request headers starting with it (e.g. "x-auth-")
+	// are stripped on every allowed request, anonymous ones included.
+	ReservedHeaderPrefix string `yaml:"reserved_header_prefix"`
+	// Realm is sent in WWW-Authenticate. Default "tokenauthz".
+	Realm string `yaml:"realm"`
+	// StripAuthorization removes the Authorization header before the request
+	// goes upstream. Default false (the upstream gets the token).
+	StripAuthorization bool `yaml:"strip_authorization"`
+	// MaxTokenBytes: longer tokens are denied before any parsing. Default 8192.
+	MaxTokenBytes int `yaml:"max_token_bytes"`
+}
+
+// RouteConfig is one route's requirements.
+type RouteConfig struct {
+	Name  string `yaml:"name"`
+	Match Match  `yaml:"match"`
+	// Anonymous routes need no token; claim headers are still stripped.
+	Anonymous bool `yaml:"anonymous"`
+	// Issuers accepted on this route (names). Default: every issuer.
+	Issuers []string `yaml:"issuers"`
+	// Scopes all required (from scope or scp); missing ones give 403.
+	Scopes []string `yaml:"scopes"`
+	// Claims: each claim (dotted path) must equal the value, or one of the
+	// values in a list. Compared exactly: "true" is not true.
+	Claims map[string]any `yaml:"claims"`
+}
+
+// Match selects requests. Empty fields match everything.
+type Match struct {
+	// Host matches :authority without port, case-insensitively; "*.example.com"
+	// matches any subdomain.
+	Host string `yaml:"host"`
+	// Path matches the path (query excluded) exactly.
+	Path string `yaml:"path"`
+	// PathPrefix matches whole segments: "/admin" matches /admin and
+	// /admin/x, not /administrator. "/" matches everything.
+	PathPrefix string   `yaml:"path_prefix"`
+	Methods    []string `yaml:"methods"`
+}
+
+const (
+	defaultRealm         = "tokenauthz"
+	defaultMaxTokenBytes = 8192
+)
+
+var headerName = regexp.MustCompile(`^[a-z0-9!#$%&'*+.^_|~-]+$`)
+
+// Validate returns every problem in c, each naming its key.
+func (c *Config) Validate() []string {
+	var p []string
+	bad := func(key, format string, args ...any) { p = append(p, key+": "+fmt.Sprintf(format, args...)) }
+
+	names := map[string]bool{}
+	if len(c.Issuers) == 0 {
+		bad("issuers", "at least one issuer is required")
+	}
+	isses := map[string]bool{}
+	for i := range c.Issuers {
+		is := &c.Issuers[i]
+		key := fmt.Sprintf("issuers[%d]", i)
+		for _, prob := range is.Validate() {
+			p = append(p, key+"."+prob)
+		}
+		if is.Name != "" {
+			if names[is.Name] {
+				bad(key+".name", "duplicate issuer name %q", is.Name)
+			}
+			names[is.Name] = true
+		}
+		if is.Issuer != "" {
+			if isses[is.Issuer] {
+				bad(key+".issuer", "issuer %q configured twice", is.Issuer)
+			}
+			isses[is.Issuer] = true
+		}
+	}
+
+	if len(c.Routes) == 0 {
+		bad("routes", "at least one route is required (requests matching no route are denied)")
+	}
+	routeNames := map[string]bool{}
+	for i, r := range c.Routes {
+		key := fmt.Sprintf("routes[%d]", i)
+		if r.Name == "" {
+			bad(key+".name", "required")
+		} else if routeNames[r.Name] {
+			bad(key+".name", "duplicate route name %q", r.Name)
+		}
+		routeNames[r.Name] = true
+		m := r.Match
+		if m.Path != "" && m.PathPrefix != "" {
+			bad(key+".match", "set path or path_prefix, not both")
+		}
+		if m.Path != "" && !strings.HasPrefix(m.Path, "/") {
+			bad(key+".match.path", "must start with /")
+		}
+		if m.PathPrefix != "" && !strings.HasPrefix(m.PathPrefix, "/") {
+			bad(key+".match.path_prefix", "must start with /")
+		}
+		for j, meth := range m.Methods {
+			if meth == "" || strings.ToUpper(meth) != meth {
+				bad(fmt.Sprintf("%s.match.methods[%d]", key, j), "methods are upper case, like GET")
+			}
+		}
+		if r.Anonymous && (len(r.Issuers) > 0 || len(r.Scopes) > 0 || len(r.Claims) > 0) {
+			bad(key, "an anonymous route takes no issuers, scopes or claims")
+		}
+		for j, n := range r.Issuers {
+			if !names[n] {
+				bad(fmt.Sprintf("%s.issuers[%d]", key, j), "no issuer named %q", n)
+			}
+		}
+		for claim, want := range r.Claims {
+			if _, err := compileClaimValues(want); err != nil {
+				bad(key+".claims."+claim, "%v", err)
+			}
+		}
+	}
+
+	for h, claim := range c.Headers {
+		key := "headers." + h
+		switch {
+		case !headerName.MatchString(h):
+			bad(key, "not a lower-case HTTP header name")
+		case h == "authorization" || h == "host" || strings.HasPrefix(h, "x-envoy-") || http.CanonicalHeaderKey(h) == "Te":
+			bad(key, "this header cannot carry a claim")
+		case claim == "":
+			bad(key, "names no claim")
+		}
+	}
+	if c.ReservedHeaderPrefix != "" && !headerName.MatchString(c.ReservedHeaderPrefix) {
+		bad("reserved_header_prefix", "not a lower-case header name prefix")
+	}
+	if c.MaxTokenBytes < 0 {
+		bad("max_token_bytes", "must be positive")
+	}
+	if strings.ContainsAny(c.Realm, "\"\\\r\n") {
+		bad("realm", "must not contain quotes, backslashes or line breaks")
+	}
+	return p
+}

@@ -1,0 +1,227 @@
+package authz
+
+import (
+	"encoding/json"
+	"strings"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/structpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/tokenauthz/tokenauthz/verify"
+)
+
+// decision is the outcome of one Check before it becomes a CheckResponse.
+type decision struct {
+	allow bool
+	// For denials and errors:
+	code       codes.Code
+	httpStatus typev3.StatusCode
+	oauthError string // RFC 6750 error code; "" when the token is missing
+	desc       string // safe for clients
+	scope      string // for insufficient_scope
+	reason     string // stable, for logs and metrics
+	// Filled as the check goes:
+	route  *route
+	result *verify.Result
+}
+
+func denyMissing() *decision {
+	return &decision{code: codes.Unauthenticated, httpStatus: typev3.StatusCode_Unauthorized,
+		reason: "missing_token", desc: "a bearer token is required"}
+}
+
+func denyInvalid(reason, desc string) *decision {
+	return &decision{code: codes.Unauthenticated, httpStatus: typev3.StatusCode_Unauthorized,
+		oauthError: "invalid_token", reason: reason, desc: desc}
+}
+
+func denyRequest(reason, desc string) *decision {
+	return &decision{code: codes.InvalidArgument, httpStatus: typev3.StatusCode_BadRequest,
+		oauthError: "invalid_request", reason: reason, desc: desc}
+}
+
+func denyForbidden(reason, desc, scope string) *decision {
+	return &decision{code: codes.PermissionDenied, httpStatus: typev3.StatusCode_Forbidden,
+		oauthError: "insufficient_scope", reason: reason, desc: desc, scope: scope}
+}
+
+func denyNoRoute(reason, desc string) *decision {
+	return &decision{code: codes.PermissionDenied, httpStatus: typev3.StatusCode_Forbidden,
+		reason: reason, desc: desc}
+}
+
+func errUnavailable(desc string) *decision {
+	return &decision{code: codes.Unavailable, httpStatus: typev3.StatusCode_ServiceUnavailable,
+		reason: "unavailable", desc: desc}
+}
+
+func errInternal() *decision {
+	return &decision{code: codes.Internal, httpStatus: typev3.StatusCode_InternalServerError,
+		reason: "internal", desc: "internal error"}
+}
+
+// setHeader builds a header mutation that overwrites on every Envoy version:
+// Envoy up to 1.36 reads only append, later ones read append first and then
+// append_action (see Envoy issue 43310).
+func setHeader(k, v string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{
+		Header:       &corev3.HeaderValue{Key: k, Value: v},
+		Append:       wrapperspb.Bool(false),
+		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+	}
+}
+
+// response turns a decision into a CheckResponse. Denials are denied_response;
+// UNAVAILABLE becomes an error_response (Envoy ≥ 1.37 treats it as an error,
+// so failure_mode_allow and status_on_error apply; older Envoys see a non-OK
+// status and deny).
+func (d *decision) response(p *policy, reqHeaders map[string]string, headerMap []*corev3.HeaderValue) *authv3.CheckResponse {
+	if d.allow {
+		return d.allowResponse(p, reqHeaders, headerMap)
+	}
+	body, _ := json.Marshal(struct {
+		Error string `json:"error"`
+		Desc  string `json:"error_description,omitempty"`
+	}{Error: d.reasonForBody(), Desc: d.desc})
+	hdrs := []*corev3.HeaderValueOption{setHeader("content-type", "application/json")}
+	if d.httpStatus == typev3.StatusCode_Unauthorized || d.oauthError != "" {
+		hdrs = append(hdrs, setHeader("www-authenticate", d.wwwAuthenticate(p.realm)))
+	}
+	denied := &authv3.DeniedHttpResponse{
+		Status:  &typev3.HttpStatus{Code: d.httpStatus},
+		Headers: hdrs,
+		Body:    string(body),
+	}
+	resp := &authv3.CheckResponse{Status: &status.Status{Code: int32(d.code), Message: d.desc}}
+	if d.code == codes.Unavailable {
+		resp.HttpResponse = &authv3.CheckResponse_ErrorResponse{ErrorResponse: denied}
+	} else {
+		resp.HttpResponse = &authv3.CheckResponse_DeniedResponse{DeniedResponse: denied}
+	}
+	return resp
+}
+
+func (d *decision) reasonForBody() string {
+	if d.oauthError != "" {
+		return d.oauthError
+	}
+	return d.reason
+}
+
+// wwwAuthenticate renders RFC 6750 §3. The error attribute is left out when
+// no token was sent (§3.1).
+func (d *decision) wwwAuthenticate(realm string) string {
+	var b strings.Builder
+	b.WriteString(`Bearer realm="`)
+	b.WriteString(realm)
+	b.WriteByte('"')
+	if d.oauthError != "" {
+		b.WriteString(`, error="`)
+		b.WriteString(d.oauthError)
+		b.WriteString(`", error_description="`)
+		b.WriteString(quoteSafe(d.desc))
+		b.WriteByte('"')
+	}
+	if d.scope != "" {
+		b.WriteString(`, scope="`)
+		b.WriteString(quoteSafe(d.scope))
+		b.WriteByte('"')
+	}
+	return b.String()
+}
+
+// quoteSafe keeps RFC 6750's allowed characters for error_description and
+// scope (%x20-21 / %x23-5B / %x5D-7E): no quotes, backslashes or controls.
+func quoteSafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e || r == '"' || r == '\\' {
+			return '_'
+		}
+		return r
+	}, s)
+}
+
+func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, headerMap []*corev3.HeaderValue) *authv3.CheckResponse {
+	ok := &authv3.OkHttpResponse{}
+	set := map[string]bool{}
+	if d.result != nil {
+		for _, ch := range p.headers {
+			v, found := d.result.Claims.Lookup(ch.claim)
+			if !found {
+				continue
+			}
+			s, fine := verify.FormatClaim(v)
+			if !fine || !validHeaderValue(s) {
+				continue // removed below: better no header than a broken one
+			}
+			ok.Headers = append(ok.Headers, setHeader(ch.header, s))
+			set[ch.header] = true
+		}
+	}
+	for _, ch := range p.headers {
+		if !set[ch.header] {
+			ok.HeadersToRemove = append(ok.HeadersToRemove, ch.header)
+			set[ch.header] = true // listed once
+		}
+	}
+	if p.reserved != "" {
+		strip := func(k string) {
+			k = strings.ToLower(k)
+			if strings.HasPrefix(k, p.reserved) && !set[k] {
+				ok.HeadersToRemove = append(ok.HeadersToRemove, k)
+				set[k] = true
+			}
+		}
+		for k := range reqHeaders {
+			strip(k)
+		}
+		for _, h := range headerMap {
+			strip(h.GetKey())
+		}
+	}
+	if p.stripAuthz {
+		ok.HeadersToRemove = append(ok.HeadersToRemove, "authorization")
+	}
+	resp := &authv3.CheckResponse{
+		Status:       &status.Status{Code: int32(codes.OK)},
+		HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: ok},
+	}
+	resp.DynamicMetadata = d.metadata()
+	return resp
+}
+
+// metadata is what Envoy's later filters and access logs see, under the
+// namespace envoy.filters.http.ext_authz.
+func (d *decision) metadata() *structpb.Struct {
+	f := map[string]*structpb.Value{"route": structpb.NewStringValue(d.route.name)}
+	if r := d.result; r != nil {
+		f["issuer"] = structpb.NewStringValue(r.Issuer.Name())
+		if sub := r.Claims.String("sub"); sub != "" {
+			f["sub"] = structpb.NewStringValue(sub)
+		}
+		if sc := r.Claims.Scopes(); len(sc) > 0 {
+			f["scope"] = structpb.NewStringValue(strings.Join(sc, " "))
+		}
+	}
+	return &structpb.Struct{Fields: f}
+}
+
+// validHeaderValue refuses control characters (CR/LF would be a header
+// injection; Envoy with validate_mutations answers 500 on them) and values
+// too long for common proxies.
+func validHeaderValue(s string) bool {
+	if len(s) > 8192 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}

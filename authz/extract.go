@@ -1,0 +1,120 @@
+package authz
+
+import (
+	"net/url"
+	"strings"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+)
+
+// credentials finds the bearer token of a request. Envoy sends headers either
+// as a map (duplicates joined with ",") or, with encode_raw_headers, as a list;
+// both are read. A request with more than one credential (two Authorization
+// headers, or a header plus an access_token query parameter) is refused, as
+// RFC 6750 §2 requires, so two components can never disagree on which token
+// counts.
+func credentials(h *authv3.AttributeContext_HttpRequest, path string, maxTokenBytes int) (token string, d *decision) {
+	var values []string
+	if v, ok := h.GetHeaders()["authorization"]; ok {
+		values = append(values, v)
+	}
+	for _, hv := range h.GetHeaderMap().GetHeaders() {
+		if strings.EqualFold(hv.GetKey(), "authorization") {
+			v := hv.GetValue()
+			if raw := hv.GetRawValue(); len(raw) > 0 {
+				v = string(raw)
+			}
+			values = append(values, v)
+		}
+	}
+	n := len(values)
+	for _, v := range values {
+		n += strings.Count(v, ",")
+	}
+	if _, q, ok := strings.Cut(path, "?"); ok && queryHasToken(q) {
+		n++
+	}
+	switch {
+	case n == 0:
+		return "", denyMissing()
+	case n > 1:
+		return "", denyRequest("multiple_credentials", "the request carries more than one credential")
+	case len(values) == 0:
+		// Only a query-string token: RFC 6750 §2.3 discourages it (it lands in
+		// logs and Referer headers), so it is not accepted.
+		return "", denyRequest("query_token", "tokens in the query string are not accepted; use the Authorization header")
+	}
+	v := values[0]
+	if len(v) > maxTokenBytes+len("Bearer ") {
+		return "", denyInvalid("token_too_large", "token is too large")
+	}
+	scheme, rest, _ := strings.Cut(v, " ")
+	if !strings.EqualFold(scheme, "Bearer") {
+		// Another scheme (Basic, …) is no bearer token at all.
+		return "", denyMissing()
+	}
+	tok := strings.TrimLeft(rest, " ")
+	if tok == "" || !isToken68(tok) {
+		return "", denyInvalid("malformed", "the Authorization header is not a bearer token")
+	}
+	return tok, nil
+}
+
+func queryHasToken(q string) bool {
+	for part := range strings.SplitSeq(q, "&") {
+		k, _, _ := strings.Cut(part, "=")
+		if k == "access_token" {
+			return true
+		}
+		if uk, err := url.QueryUnescape(k); err == nil && uk == "access_token" {
+			return true
+		}
+	}
+	return false
+}
+
+// isToken68 checks RFC 6750's b64token: ALPHA DIGIT - . _ ~ + / then "=" padding.
+func isToken68(s string) bool {
+	i := 0
+	for ; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
+			c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/') {
+			break
+		}
+	}
+	if i == 0 {
+		return false
+	}
+	for ; i < len(s); i++ {
+		if s[i] != '=' {
+			return false
+		}
+	}
+	return true
+}
+
+// requestPath returns the path without query or fragment, or ok=false when
+// it has dot segments or encoded separators. A route prefix is compared with
+// the path as sent, while an upstream may resolve "/public/../admin" to
+// /admin; such paths are refused rather than guessed at. Envoy's
+// normalize_path and merge_slashes settings avoid them upstream of us.
+func requestPath(raw string) (string, bool) {
+	p := raw
+	if i := strings.IndexAny(p, "?#"); i >= 0 {
+		p = p[:i]
+	}
+	if p == "" || p[0] != '/' || strings.ContainsRune(p, '\\') {
+		return p, false
+	}
+	for seg := range strings.SplitSeq(p[1:], "/") {
+		if !strings.ContainsAny(seg, ".%") {
+			continue
+		}
+		dec, err := url.PathUnescape(seg)
+		if err != nil || dec == "." || dec == ".." || strings.ContainsAny(dec, "/\\") {
+			return p, false
+		}
+	}
+	return p, true
+}

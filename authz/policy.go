@@ -1,0 +1,221 @@
+package authz
+
+import (
+	"encoding/json"
+	"fmt"
+	"math/big"
+	"sort"
+	"strings"
+
+	"github.com/tokenauthz/tokenauthz/verify"
+)
+
+// policy is a Config compiled for the hot path: everything that can be
+// decided at load time is.
+type policy struct {
+	routes        []*route
+	byName        map[string]*route
+	headers       []claimHeader // sorted by header name
+	reserved      string
+	realm         string
+	stripAuthz    bool
+	maxTokenBytes int
+}
+
+type route struct {
+	name      string
+	host      string // lower case; "*.x" for wildcard
+	path      string
+	prefix    string
+	methods   []string
+	anonymous bool
+	issuers   []string
+	scopes    []string
+	claims    []claimRule
+}
+
+type claimHeader struct{ header, claim string }
+
+type claimRule struct {
+	claim string
+	want  []any // string, bool or *big.Float
+}
+
+func compile(c *Config) (*policy, error) {
+	if p := c.Validate(); len(p) > 0 {
+		return nil, fmt.Errorf("authz: invalid config: %s", strings.Join(p, "; "))
+	}
+	p := &policy{
+		byName:        map[string]*route{},
+		reserved:      c.ReservedHeaderPrefix,
+		realm:         c.Realm,
+		stripAuthz:    c.StripAuthorization,
+		maxTokenBytes: c.MaxTokenBytes,
+	}
+	if p.realm == "" {
+		p.realm = defaultRealm
+	}
+	if p.maxTokenBytes == 0 {
+		p.maxTokenBytes = defaultMaxTokenBytes
+	}
+	var allIssuers []string
+	for _, is := range c.Issuers {
+		allIssuers = append(allIssuers, is.Name)
+	}
+	for _, rc := range c.Routes {
+		r := &route{
+			name: rc.Name, host: strings.ToLower(rc.Match.Host), path: rc.Match.Path,
+			prefix: strings.TrimSuffix(rc.Match.PathPrefix, "/"), methods: rc.Match.Methods,
+			anonymous: rc.Anonymous, issuers: rc.Issuers, scopes: rc.Scopes,
+		}
+		if len(r.issuers) == 0 {
+			r.issuers = allIssuers
+		}
+		// The prefix "/" becomes "" and matches every path.
+		if rc.Match.PathPrefix == "" {
+			r.prefix = ""
+		}
+		names := make([]string, 0, len(rc.Claims))
+		for n := range rc.Claims {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		for _, n := range names {
+			want, _ := compileClaimValues(rc.Claims[n])
+			r.claims = append(r.claims, claimRule{claim: n, want: want})
+		}
+		p.routes = append(p.routes, r)
+		p.byName[r.name] = r
+	}
+	for h, claim := range c.Headers {
+		p.headers = append(p.headers, claimHeader{header: h, claim: claim})
+	}
+	sort.Slice(p.headers, func(i, j int) bool { return p.headers[i].header < p.headers[j].header })
+	return p, nil
+}
+
+// compileClaimValues turns a YAML value (scalar or list of scalars) into the
+// accepted values. Numbers become exact big.Floats so 1 equals 1.0 and large
+// integers compare without float rounding.
+func compileClaimValues(v any) ([]any, error) {
+	list, isList := v.([]any)
+	if !isList {
+		list = []any{v}
+	}
+	if len(list) == 0 {
+		return nil, fmt.Errorf("empty list of accepted values")
+	}
+	out := make([]any, 0, len(list))
+	for _, e := range list {
+		switch e := e.(type) {
+		case string, bool:
+			out = append(out, e)
+		case int:
+			out = append(out, new(big.Float).SetInt64(int64(e)))
+		case int64:
+			out = append(out, new(big.Float).SetInt64(e))
+		case uint64:
+			out = append(out, new(big.Float).SetUint64(e))
+		case float64:
+			out = append(out, new(big.Float).SetFloat64(e))
+		default:
+			return nil, fmt.Errorf("accepted values are strings, numbers or booleans, not %T", e)
+		}
+	}
+	return out, nil
+}
+
+// satisfied reports whether the claim value v equals one of the accepted
+// values, by JSON type: a string only equals a string, a number a number.
+func (r *claimRule) satisfied(v any) bool {
+	for _, w := range r.want {
+		switch w := w.(type) {
+		case string:
+			if s, ok := v.(string); ok && s == w {
+				return true
+			}
+		case bool:
+			if b, ok := v.(bool); ok && b == w {
+				return true
+			}
+		case *big.Float:
+			if n, ok := v.(json.Number); ok {
+				if f, _, err := big.ParseFloat(string(n), 10, 256, big.ToNearestEven); err == nil && f.Cmp(w) == 0 {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// match selects the route for a request. path has no query string.
+func (p *policy) match(host, path, method string) *route {
+	if h, _, ok := strings.Cut(host, ":"); ok && !strings.Contains(h, "[") {
+		host = h
+	} else if strings.HasPrefix(host, "[") {
+		if i := strings.Index(host, "]"); i > 0 {
+			host = host[:i+1]
+		}
+	}
+	host = strings.ToLower(host)
+	for _, r := range p.routes {
+		if r.matches(host, path, method) {
+			return r
+		}
+	}
+	return nil
+}
+
+func (r *route) matches(host, path, method string) bool {
+	if r.host != "" {
+		if wild, ok := strings.CutPrefix(r.host, "*"); ok {
+			if !strings.HasSuffix(host, wild) || len(host) == len(wild) {
+				return false
+			}
+		} else if host != r.host {
+			return false
+		}
+	}
+	if r.path != "" && path != r.path {
+		return false
+	}
+	if r.prefix != "" && path != r.prefix && !strings.HasPrefix(path, r.prefix+"/") {
+		return false
+	}
+	if len(r.methods) > 0 {
+		found := false
+		for _, m := range r.methods {
+			if m == method {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// missingScopes returns the route's scopes the token lacks.
+func (r *route) missingScopes(c verify.Claims) []string {
+	if len(r.scopes) == 0 {
+		return nil
+	}
+	have := c.Scopes()
+	var missing []string
+	for _, want := range r.scopes {
+		found := false
+		for _, h := range have {
+			if h == want {
+				found = true
+				break
+			}
+		}
+		if !found {
+			missing = append(missing, want)
+		}
+	}
+	return missing
+}

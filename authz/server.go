@@ -1,0 +1,184 @@
+package authz
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"strings"
+	"sync/atomic"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+
+	"github.com/tokenauthz/tokenauthz/verify"
+)
+
+// TokenVerifier checks a raw token for the issuers a route accepts. Errors
+// are *verify.Error; any other error is treated as Unavailable.
+type TokenVerifier interface {
+	Verify(ctx context.Context, raw string, allowed []string) (*verify.Result, error)
+}
+
+// Server implements envoy.service.auth.v3.Authorization. It is safe for
+// concurrent use; Swap replaces its policy atomically.
+type Server struct {
+	authv3.UnimplementedAuthorizationServer
+	state atomic.Pointer[state]
+	log   *slog.Logger
+}
+
+type state struct {
+	pol *policy
+	v   TokenVerifier
+}
+
+// NewServer compiles cfg and serves decisions with v.
+func NewServer(cfg *Config, v TokenVerifier, log *slog.Logger) (*Server, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{log: log}
+	if err := s.Swap(cfg, v); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Swap installs a new policy and verifier. Checks in flight finish on the
+// ones they started with; none sees a mix.
+func (s *Server) Swap(cfg *Config, v TokenVerifier) error {
+	pol, err := compile(cfg)
+	if err != nil {
+		return err
+	}
+	if v == nil {
+		return errors.New("authz: nil verifier")
+	}
+	s.state.Store(&state{pol: pol, v: v})
+	return nil
+}
+
+// Check decides one request. It never returns a gRPC error: denials are
+// responses, and so is a recovered panic (denied with 500).
+func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *authv3.CheckResponse, err error) {
+	st := s.state.Load()
+	h := req.GetAttributes().GetRequest().GetHttp()
+	var d *decision
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("check panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			d = errInternal()
+			resp, err = d.response(st.pol, nil, nil), nil
+		}
+	}()
+	var token string
+	d, token = s.decide(ctx, st, req)
+	s.logDecision(d, token)
+	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()), nil
+}
+
+func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest) (*decision, string) {
+	p := st.pol
+	h := req.GetAttributes().GetRequest().GetHttp()
+	rawPath := h.GetPath()
+	if rawPath == "" {
+		rawPath = h.GetHeaders()[":path"]
+	}
+	path, ok := requestPath(rawPath)
+	if !ok {
+		return denyRequest("bad_path", "the request path is not normalized"), ""
+	}
+	var r *route
+	if name, named := req.GetAttributes().GetContextExtensions()["route"]; named {
+		if r = p.byName[name]; r == nil {
+			s.log.Error("context_extensions names an unknown route; check the Envoy route config", "route", name)
+			return denyNoRoute("unknown_route", "no policy for this route"), ""
+		}
+	} else {
+		host := h.GetHost()
+		if host == "" {
+			host = h.GetHeaders()[":authority"]
+		}
+		method := h.GetMethod()
+		if method == "" {
+			method = h.GetHeaders()[":method"]
+		}
+		if r = p.match(host, path, method); r == nil {
+			return denyNoRoute("no_route", "no route matches the request"), ""
+		}
+	}
+	if r.anonymous {
+		return &decision{allow: true, reason: "anonymous", route: r}, ""
+	}
+
+	token, d := credentials(h, rawPath, p.maxTokenBytes)
+	if d != nil {
+		d.route = r
+		return d, token
+	}
+	if len(token) > p.maxTokenBytes {
+		d := denyInvalid("token_too_large", "token is too large")
+		d.route = r
+		return d, token
+	}
+	if !verify.LooksLikeJWT(token) {
+		d := denyInvalid("malformed", "token is not a JWT")
+		d.route = r
+		return d, token
+	}
+	res, err := st.v.Verify(ctx, token, r.issuers)
+	if err != nil {
+		ve := verify.AsError(err)
+		var d *decision
+		if ve.Kind == verify.Invalid {
+			d = denyInvalid(ve.Reason, ve.Desc)
+		} else {
+			s.log.Warn("no decision possible", "route", r.name, "error", err)
+			d = errUnavailable("authorization is temporarily unavailable")
+		}
+		d.route = r
+		return d, token
+	}
+	if missing := r.missingScopes(res.Claims); len(missing) > 0 {
+		d := denyForbidden("insufficient_scope", "the token lacks a required scope", strings.Join(r.scopes, " "))
+		d.route, d.result = r, res
+		return d, token
+	}
+	for i := range r.claims {
+		rule := &r.claims[i]
+		v, found := res.Claims.Lookup(rule.claim)
+		if !found || !rule.satisfied(v) {
+			d := denyForbidden("claim_mismatch", "claim "+rule.claim+" does not have an accepted value", "")
+			d.route, d.result = r, res
+			return d, token
+		}
+	}
+	return &decision{allow: true, reason: "ok", route: r, result: res}, token
+}
+
+func (s *Server) logDecision(d *decision, token string) {
+	if d.allow {
+		return
+	}
+	attrs := []slog.Attr{slog.String("reason", d.reason), slog.Int("status", int(d.httpStatus))}
+	if d.route != nil {
+		attrs = append(attrs, slog.String("route", d.route.name))
+	}
+	if d.result != nil {
+		attrs = append(attrs, slog.String("issuer", d.result.Issuer.Name()))
+	}
+	if token != "" {
+		attrs = append(attrs, slog.String("token_hash", TokenHash(token)))
+	}
+	s.log.LogAttrs(context.Background(), slog.LevelInfo, "deny", attrs...)
+}
+
+// TokenHash is a short SHA-256 digest of a token, for logs: enough to
+// correlate, never the token.
+func TokenHash(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:8])
+}

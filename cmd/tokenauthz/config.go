@@ -1,0 +1,129 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/deploy"
+)
+
+// fileConfig is the whole configuration file: the server's own settings
+// plus the decision policy (authz.Config) at the top level.
+type fileConfig struct {
+	Server       serverConfig `yaml:"server"`
+	authz.Config `yaml:",inline"`
+}
+
+type serverConfig struct {
+	// GRPCAddr is where Envoy calls Check. Default ":9191".
+	GRPCAddr string `yaml:"grpc_addr"`
+	// HTTPAddr serves /healthz and /readyz. Default ":9090"; "off" disables.
+	HTTPAddr string `yaml:"http_addr"`
+	// Reflection registers gRPC server reflection (so grpcurl needs no proto
+	// files). Default true; it exposes only the public API schema.
+	Reflection *bool `yaml:"reflection"`
+	// LogFormat is json (default) or text.
+	LogFormat string `yaml:"log_format"`
+	// LogLevel is debug, info (default), warn or error.
+	LogLevel string `yaml:"log_level"`
+	// ShutdownTimeout bounds the graceful drain on SIGTERM. Default 15s.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+}
+
+func (s *serverConfig) applyDefaults() {
+	if s.GRPCAddr == "" {
+		s.GRPCAddr = ":9191"
+	}
+	if s.HTTPAddr == "" {
+		s.HTTPAddr = ":9090"
+	}
+	if s.Reflection == nil {
+		t := true
+		s.Reflection = &t
+	}
+	if s.LogFormat == "" {
+		s.LogFormat = "json"
+	}
+	if s.LogLevel == "" {
+		s.LogLevel = "info"
+	}
+	if s.ShutdownTimeout == 0 {
+		s.ShutdownTimeout = 15 * time.Second
+	}
+}
+
+// configError lists every problem found in a configuration file.
+type configError struct {
+	file     string
+	problems []string
+}
+
+func (e *configError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: %d problem(s):", e.file, len(e.problems))
+	for _, p := range e.problems {
+		b.WriteString("\n  ")
+		b.WriteString(p)
+	}
+	return b.String()
+}
+
+// loadConfig reads path ("" for the embedded demo config), decodes it
+// strictly (unknown keys are errors) and validates it. Every problem is
+// reported, each with its line or key.
+func loadConfig(path string) (*fileConfig, error) {
+	data, name := deploy.DemoConfig, "embedded demo config (deploy/demo/config.yaml)"
+	if path != "" {
+		var err error
+		if data, err = os.ReadFile(path); err != nil {
+			return nil, err
+		}
+		name = path
+	}
+	return parseConfig(data, name)
+}
+
+func parseConfig(data []byte, name string) (*fileConfig, error) {
+	var cfg fileConfig
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, &configError{file: name, problems: []string{"the file is empty"}}
+		}
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			return nil, &configError{file: name, problems: te.Errors}
+		}
+		return nil, &configError{file: name, problems: []string{err.Error()}}
+	}
+	var extra any
+	if dec.Decode(&extra) != io.EOF {
+		return nil, &configError{file: name, problems: []string{"more than one YAML document"}}
+	}
+	cfg.Server.applyDefaults()
+	problems := cfg.Config.Validate()
+	switch cfg.Server.LogFormat {
+	case "json", "text":
+	default:
+		problems = append(problems, "server.log_format: must be json or text")
+	}
+	if _, err := parseLevel(cfg.Server.LogLevel); err != nil {
+		problems = append(problems, "server.log_level: "+err.Error())
+	}
+	if cfg.Server.ShutdownTimeout < 0 {
+		problems = append(problems, "server.shutdown_timeout: must be positive")
+	}
+	if len(problems) > 0 {
+		return nil, &configError{file: name, problems: problems}
+	}
+	return &cfg, nil
+}

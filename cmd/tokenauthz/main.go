@@ -1,0 +1,165 @@
+// Command tokenauthz is an Envoy ext_authz v3 gRPC service that verifies
+// bearer tokens locally. This package only wires: flags, configuration,
+// logging, listeners, signals.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+	"github.com/lestrrat-go/jwx/v2/jwk"
+	"github.com/lestrrat-go/jwx/v2/jwt"
+
+	"github.com/tokenauthz/tokenauthz/deploy"
+)
+
+const usage = `tokenauthz: an Envoy ext_authz service that verifies bearer tokens locally.
+
+Usage:
+  tokenauthz serve      [--config FILE]   run the service (no --config: the embedded demo config)
+  tokenauthz validate   --config FILE     check a config; exit 1 naming every problem
+  tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D]
+                                          mint a token the demo config accepts
+  tokenauthz version
+`
+
+func main() {
+	os.Exit(cli(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func cli(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	cmd, args := args[0], args[1:]
+	fs := flag.NewFlagSet("tokenauthz "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	switch cmd {
+	case "serve":
+		config := fs.String("config", "", "configuration file (default: the embedded demo config)")
+		if fs.Parse(args) != nil {
+			return 2
+		}
+		return serve(*config, stderr)
+	case "validate":
+		config := fs.String("config", "", "configuration file")
+		if fs.Parse(args) != nil {
+			return 2
+		}
+		if *config == "" {
+			fmt.Fprintln(stderr, "validate: --config is required")
+			return 2
+		}
+		if _, err := loadConfig(*config); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "%s: ok\n", *config)
+		return 0
+	case "demo-token":
+		sub := fs.String("sub", "alice", "subject")
+		scope := fs.String("scope", "read", "space-separated scopes")
+		email := fs.String("email", "alice@example.com", "email claim (empty: none)")
+		ttl := fs.Duration("ttl", time.Hour, "lifetime")
+		if fs.Parse(args) != nil {
+			return 2
+		}
+		tok, err := demoToken(*sub, *scope, *email, *ttl)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		fmt.Fprintln(stdout, tok)
+		return 0
+	case "version", "--version":
+		fmt.Fprintln(stdout, version())
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "unknown command %q\n\n%s", cmd, usage)
+	return 2
+}
+
+func serve(path string, stderr io.Writer) int {
+	cfg, err := loadConfig(path)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	log := newLogger(cfg.Server.LogFormat, cfg.Server.LogLevel)
+	if path == "" {
+		log.Warn("running on the embedded DEMO config: it trusts a published demo key; never use it in production")
+	}
+	grpcLis, err := net.Listen("tcp", cfg.Server.GRPCAddr)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	var httpLis net.Listener
+	if cfg.Server.HTTPAddr != "off" {
+		if httpLis, err = net.Listen("tcp", cfg.Server.HTTPAddr); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	if err := run(ctx, cfg, grpcLis, httpLis, log); err != nil {
+		log.Error("exiting", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// demoToken signs a token with the demo key for the demo config's issuer and
+// first audience.
+func demoToken(sub, scope, email string, ttl time.Duration) (string, error) {
+	cfg, err := parseConfig(deploy.DemoConfig, "demo config")
+	if err != nil {
+		return "", err
+	}
+	is := cfg.Issuers[0]
+	key, err := jwk.ParseKey(deploy.DemoSigningKey)
+	if err != nil {
+		return "", fmt.Errorf("demo key: %w", err)
+	}
+	now := time.Now()
+	b := jwt.NewBuilder().Issuer(is.Issuer).Audience(is.Audiences[:1]).Subject(sub).
+		IssuedAt(now).NotBefore(now).Expiration(now.Add(ttl))
+	if scope != "" {
+		b = b.Claim("scope", scope)
+	}
+	if email != "" {
+		b = b.Claim("email", email)
+	}
+	t, err := b.Build()
+	if err != nil {
+		return "", err
+	}
+	signed, err := jwt.Sign(t, jwt.WithKey(jwa.ES256, key))
+	if err != nil {
+		return "", err
+	}
+	return string(signed), nil
+}
+
+func version() string {
+	v := "devel"
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		v = bi.Main.Version
+	}
+	return "tokenauthz " + v
+}
+

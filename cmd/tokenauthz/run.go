@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/verify"
+)
+
+// Health service names for Kubernetes' native gRPC probes.
+const (
+	healthLiveness  = "liveness"
+	healthReadiness = "readiness"
+)
+
+// run serves until ctx ends, then shuts down in order: not ready, drain,
+// stop. httpLis may be nil.
+func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, log *slog.Logger) error {
+	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log})
+	if err != nil {
+		return err
+	}
+	srv, err := authz.NewServer(&cfg.Config, v, log)
+	if err != nil {
+		return err
+	}
+	bg, stopBG := context.WithCancel(context.Background())
+	defer stopBG()
+	v.Start(bg)
+
+	gs := grpc.NewServer()
+	authv3.RegisterAuthorizationServer(gs, srv)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	if *cfg.Server.Reflection {
+		reflection.Register(gs)
+	}
+	// Live at once; ready (overall and for the Check service) once every
+	// issuer's keys have loaded, so a new pod takes no traffic it would
+	// answer with 503s.
+	hs.SetServingStatus(healthLiveness, healthpb.HealthCheckResponse_SERVING)
+	setReady := func(st healthpb.HealthCheckResponse_ServingStatus) {
+		for _, name := range []string{"", healthReadiness, authv3.Authorization_ServiceDesc.ServiceName} {
+			hs.SetServingStatus(name, st)
+		}
+	}
+	setReady(healthpb.HealthCheckResponse_NOT_SERVING)
+	go func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for !v.Ready() {
+			select {
+			case <-bg.Done():
+				return
+			case <-t.C:
+			}
+		}
+		setReady(healthpb.HealthCheckResponse_SERVING)
+		log.Info("ready: keys of every issuer loaded")
+	}()
+
+	var hsrv *http.Server
+	if httpLis != nil {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+			resp, err := hs.Check(r.Context(), &healthpb.HealthCheckRequest{Service: healthReadiness})
+			if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+				http.Error(w, "not ready", http.StatusServiceUnavailable)
+				return
+			}
+			_, _ = w.Write([]byte("ok\n"))
+		})
+		hsrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := hsrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server failed", "error", err)
+			}
+		}()
+	}
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- gs.Serve(grpcLis) }()
+	log.Info("serving", "grpc_addr", grpcLis.Addr().String(), "issuers", len(cfg.Issuers), "routes", len(cfg.Routes))
+
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("grpc server: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	hs.Shutdown() // every service NOT_SERVING: Kubernetes and Envoy stop sending
+	done := make(chan struct{})
+	go func() { gs.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(cfg.Server.ShutdownTimeout):
+		log.Warn("drain deadline passed; stopping")
+		gs.Stop()
+	}
+	if hsrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = hsrv.Shutdown(sctx)
+	}
+	return nil
+}
+
+func newLogger(format, level string) *slog.Logger {
+	lvl, _ := parseLevel(level)
+	opts := &slog.HandlerOptions{Level: lvl}
+	if format == "text" {
+		return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	err := l.UnmarshalText([]byte(strings.ToUpper(s)))
+	if err != nil {
+		return l, fmt.Errorf("unknown level %q (debug, info, warn, error)", s)
+	}
+	return l, nil
+}

@@ -1,0 +1,111 @@
+package verify
+
+import (
+	"encoding/json"
+	"math"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Claims are a token's claims as decoded from JSON: numbers are json.Number,
+// arrays []any, objects map[string]any.
+type Claims map[string]any
+
+// Lookup finds a claim by a dotted path ("realm_access.roles"). A top-level
+// claim whose name itself contains dots is found first.
+func (c Claims) Lookup(path string) (any, bool) {
+	if v, ok := c[path]; ok {
+		return v, true
+	}
+	var cur any = map[string]any(c)
+	for part := range strings.SplitSeq(path, ".") {
+		m, ok := cur.(map[string]any)
+		if !ok {
+			return nil, false
+		}
+		if cur, ok = m[part]; !ok {
+			return nil, false
+		}
+	}
+	return cur, true
+}
+
+// String returns a string claim, "" if absent or not a string.
+func (c Claims) String(name string) string {
+	s, _ := c[name].(string)
+	return s
+}
+
+// Scopes returns the token's scopes from a space-delimited "scope" string
+// and/or an "scp" claim (array of strings, or a space-delimited string).
+func (c Claims) Scopes() []string {
+	var out []string
+	add := func(v any) {
+		switch v := v.(type) {
+		case string:
+			out = append(out, strings.Fields(v)...)
+		case []any:
+			for _, e := range v {
+				if s, ok := e.(string); ok && s != "" {
+					out = append(out, s)
+				}
+			}
+		}
+	}
+	add(c["scope"])
+	add(c["scp"])
+	return out
+}
+
+// numericDate reads an RFC 7519 NumericDate. Only JSON numbers count: jwx and
+// others also take strings, which a signer never meant as a date. Values
+// outside 0..year 9999 are rejected rather than overflowing.
+func numericDate(c Claims, name string) (time.Time, bool, error) {
+	v, ok := c[name]
+	if !ok {
+		return time.Time{}, false, nil
+	}
+	n, isNum := v.(json.Number)
+	if !isNum {
+		return time.Time{}, true, invalid("malformed", name+" is not a number")
+	}
+	f, err := strconv.ParseFloat(string(n), 64)
+	if err != nil || math.IsNaN(f) || f < 0 || f > 253402300799 {
+		return time.Time{}, true, invalid("malformed", name+" is out of range")
+	}
+	sec, frac := math.Modf(f)
+	return time.Unix(int64(sec), int64(frac*1e9)), true, nil
+}
+
+// FormatClaim renders a claim value for an HTTP header: strings as they are,
+// numbers in their JSON form, booleans as true/false, arrays comma-joined and
+// objects as compact JSON. ok is false for null and for values that cannot be
+// rendered.
+func FormatClaim(v any) (string, bool) {
+	switch v := v.(type) {
+	case string:
+		return v, true
+	case json.Number:
+		return string(v), true
+	case bool:
+		return strconv.FormatBool(v), true
+	case []any:
+		parts := make([]string, 0, len(v))
+		for _, e := range v {
+			s, ok := FormatClaim(e)
+			if !ok {
+				return "", false
+			}
+			parts = append(parts, s)
+		}
+		return strings.Join(parts, ","), true
+	case map[string]any:
+		b, err := json.Marshal(v)
+		if err != nil {
+			return "", false
+		}
+		return string(b), true
+	}
+	return "", false
+}

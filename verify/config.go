@@ -1,0 +1,280 @@
+package verify
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+// IssuerConfig describes one trusted token issuer. Exactly one key source is
+// set: JWKSURI, Discovery, JWKSFile or JWKS; HMACSecretFile or HMACSecretEnv
+// may stand alone or beside it.
+type IssuerConfig struct {
+	// Name identifies the issuer in routes, logs and metrics.
+	Name string `yaml:"name"`
+	// Issuer must equal the token's iss claim exactly (no trailing-slash or
+	// case folding).
+	Issuer string `yaml:"issuer"`
+	// Audiences: the token's aud (string or array) must contain one of them.
+	// Required unless AllowAnyAudience is set.
+	Audiences []string `yaml:"audiences"`
+	// AllowAnyAudience skips the aud check. Dangerous: any token of this issuer,
+	// minted for any service, is accepted.
+	AllowAnyAudience bool `yaml:"allow_any_audience"`
+
+	JWKSURI string `yaml:"jwks_uri"`
+	// Discovery reads <issuer>/.well-known/openid-configuration and uses its
+	// jwks_uri; the document's issuer must equal Issuer.
+	Discovery bool   `yaml:"discovery"`
+	JWKSFile  string `yaml:"jwks_file"`
+	// JWKS is an inline JSON Web Key Set.
+	JWKS string `yaml:"jwks"`
+	// HMACSecretFile / HMACSecretEnv hold a shared secret for HS256/384/512.
+	// The secret must be at least as long as the hash output of every HS
+	// algorithm allowed (32, 48, 64 bytes).
+	HMACSecretFile string `yaml:"hmac_secret_file"`
+	HMACSecretEnv  string `yaml:"hmac_secret_env"`
+
+	// Algorithms is the allowlist of JWS algorithms. Required; never taken
+	// from the token.
+	Algorithms []string `yaml:"algorithms"`
+	// Leeway absorbs clock skew for exp, nbf and iat. Default 30s, at most 5m.
+	Leeway *time.Duration `yaml:"leeway"`
+	// RequiredClaims must be present and non-null.
+	RequiredClaims []string `yaml:"required_claims"`
+	// TokenType, if set, is required in the JOSE typ header (compared
+	// case-insensitively, with or without "application/"), e.g. "at+jwt" to
+	// accept only RFC 9068 access tokens and never ID tokens.
+	TokenType string `yaml:"token_type"`
+	// AllowMissingExp accepts tokens without exp. Dangerous: they never expire.
+	AllowMissingExp bool `yaml:"allow_missing_exp"`
+
+	Keys KeysConfig `yaml:"keys"`
+}
+
+// KeysConfig tunes fetching of remote key sets. Zero values take the defaults.
+type KeysConfig struct {
+	// Timeout bounds one fetch (discovery or JWKS). Default 5s.
+	Timeout time.Duration `yaml:"timeout"`
+	// RefreshInterval is used when the response has no Cache-Control max-age.
+	// Default 15m.
+	RefreshInterval time.Duration `yaml:"refresh_interval"`
+	// MinRefreshInterval is the floor for max-age, the wait after a failed
+	// fetch, and the least time between two refetches caused by unknown kids.
+	// Default 30s.
+	MinRefreshInterval time.Duration `yaml:"min_refresh_interval"`
+	// MaxRefreshInterval caps max-age. Default 24h.
+	MaxRefreshInterval time.Duration `yaml:"max_refresh_interval"`
+	// MaxStale is how long past its refresh time a key set keeps serving while
+	// refreshes fail. Default 24h.
+	MaxStale time.Duration `yaml:"max_stale"`
+	// MaxResponseBytes bounds a discovery or JWKS response. Default 512 KiB.
+	MaxResponseBytes int64 `yaml:"max_response_bytes"`
+	// MaxKeys bounds the keys in one set; a larger set is rejected. Default 100.
+	MaxKeys int `yaml:"max_keys"`
+	// AllowHTTP permits plain-http fetch URLs to non-loopback hosts. Dangerous:
+	// whoever is on the path can substitute keys.
+	AllowHTTP bool `yaml:"allow_http"`
+}
+
+const (
+	defaultLeeway = 30 * time.Second
+	maxLeeway     = 5 * time.Minute
+)
+
+func (k KeysConfig) withDefaults() KeysConfig {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&k.Timeout, 5*time.Second)
+	def(&k.RefreshInterval, 15*time.Minute)
+	def(&k.MinRefreshInterval, 30*time.Second)
+	def(&k.MaxRefreshInterval, 24*time.Hour)
+	def(&k.MaxStale, 24*time.Hour)
+	if k.MaxResponseBytes <= 0 {
+		k.MaxResponseBytes = 512 << 10
+	}
+	if k.MaxKeys <= 0 {
+		k.MaxKeys = 100
+	}
+	return k
+}
+
+func (c *IssuerConfig) leeway() time.Duration {
+	if c.Leeway == nil {
+		return defaultLeeway
+	}
+	return *c.Leeway
+}
+
+// Validate returns every problem in c, each naming the offending key relative
+// to the issuer (e.g. "algorithms: ..."). It reads secret and key files to
+// check them but keeps nothing.
+func (c *IssuerConfig) Validate() []string {
+	var p []string
+	bad := func(key, format string, args ...any) { p = append(p, key+": "+fmt.Sprintf(format, args...)) }
+
+	if c.Name == "" {
+		bad("name", "required")
+	}
+	if c.Issuer == "" {
+		bad("issuer", "required")
+	}
+	if len(c.Audiences) == 0 && !c.AllowAnyAudience {
+		bad("audiences", "required (or set allow_any_audience: true, which accepts tokens minted for any service)")
+	}
+	for i, a := range c.Audiences {
+		if a == "" {
+			bad(fmt.Sprintf("audiences[%d]", i), "empty")
+		}
+	}
+	if c.Leeway != nil && (*c.Leeway < 0 || *c.Leeway > maxLeeway) {
+		bad("leeway", "must be between 0 and %s", maxLeeway)
+	}
+
+	sources := 0
+	for _, set := range []bool{c.JWKSURI != "", c.Discovery, c.JWKSFile != "", c.JWKS != ""} {
+		if set {
+			sources++
+		}
+	}
+	hasHMAC := c.HMACSecretFile != "" || c.HMACSecretEnv != ""
+	if sources > 1 {
+		bad("jwks_uri", "set only one of jwks_uri, discovery, jwks_file, jwks")
+	}
+	if sources == 0 && !hasHMAC {
+		bad("jwks_uri", "no key source: set one of jwks_uri, discovery, jwks_file, jwks, hmac_secret_file, hmac_secret_env")
+	}
+	if c.HMACSecretFile != "" && c.HMACSecretEnv != "" {
+		bad("hmac_secret_file", "set only one of hmac_secret_file, hmac_secret_env")
+	}
+	keys := c.Keys.withDefaults()
+	if c.JWKSURI != "" {
+		if err := checkFetchURL(c.JWKSURI, keys.AllowHTTP); err != nil {
+			bad("jwks_uri", "%v", err)
+		}
+	}
+	if c.Discovery && c.Issuer != "" {
+		if err := checkFetchURL(c.Issuer, keys.AllowHTTP); err != nil {
+			bad("issuer", "discovery needs a fetchable issuer URL: %v", err)
+		}
+	}
+	if c.JWKSFile != "" {
+		if b, err := os.ReadFile(c.JWKSFile); err != nil {
+			bad("jwks_file", "%v", err)
+		} else if _, err := parseKeySet(b, keys.MaxKeys); err != nil {
+			bad("jwks_file", "%v", err)
+		}
+	}
+	if c.JWKS != "" {
+		if _, err := parseKeySet([]byte(c.JWKS), keys.MaxKeys); err != nil {
+			bad("jwks", "%v", err)
+		}
+	}
+	if keys.MinRefreshInterval > keys.MaxRefreshInterval {
+		bad("keys.min_refresh_interval", "greater than keys.max_refresh_interval")
+	}
+
+	if len(c.Algorithms) == 0 {
+		bad("algorithms", "required: list the JWS algorithms this issuer signs with (e.g. [RS256])")
+	}
+	var secret []byte
+	if hasHMAC {
+		var err error
+		if secret, err = c.hmacSecret(); err != nil {
+			key := "hmac_secret_file"
+			if c.HMACSecretEnv != "" {
+				key = "hmac_secret_env"
+			}
+			bad(key, "%v", err)
+		}
+	}
+	hsAllowed, asymAllowed := false, false
+	for i, a := range c.Algorithms {
+		spec, ok := algorithms[a]
+		if !ok {
+			bad(fmt.Sprintf("algorithms[%d]", i), "unsupported algorithm %q (supported: %s)", a, supportedAlgorithms())
+			continue
+		}
+		if spec.kty == ktyOct {
+			hsAllowed = true
+			if !hasHMAC {
+				bad(fmt.Sprintf("algorithms[%d]", i), "%s needs hmac_secret_file or hmac_secret_env", a)
+			} else if secret != nil && len(secret) < spec.minSecret {
+				bad(fmt.Sprintf("algorithms[%d]", i), "%s needs a secret of at least %d bytes, have %d", a, spec.minSecret, len(secret))
+			}
+		} else {
+			asymAllowed = true
+		}
+	}
+	if hasHMAC && !hsAllowed && len(c.Algorithms) > 0 {
+		bad("algorithms", "an HMAC secret is configured but no HS256/HS384/HS512 algorithm is allowed")
+	}
+	if sources > 0 && !asymAllowed && len(c.Algorithms) > 0 {
+		bad("algorithms", "a key set is configured but no asymmetric algorithm is allowed")
+	}
+	return p
+}
+
+func (c *IssuerConfig) hmacSecret() ([]byte, error) {
+	var s []byte
+	switch {
+	case c.HMACSecretFile != "":
+		b, err := os.ReadFile(c.HMACSecretFile)
+		if err != nil {
+			return nil, err
+		}
+		// Files written by editors and kubectl often end in a newline that is
+		// not part of the secret.
+		s = []byte(strings.TrimRight(string(b), "\r\n"))
+	case c.HMACSecretEnv != "":
+		v, ok := os.LookupEnv(c.HMACSecretEnv)
+		if !ok {
+			return nil, fmt.Errorf("environment variable %s is not set", c.HMACSecretEnv)
+		}
+		s = []byte(v)
+	default:
+		return nil, nil
+	}
+	if len(s) == 0 {
+		return nil, fmt.Errorf("secret is empty")
+	}
+	return s, nil
+}
+
+// checkFetchURL allows https anywhere and http only to loopback hosts (or
+// everywhere with allowHTTP), so keys are not fetched over an open network in
+// the clear by accident.
+func checkFetchURL(raw string, allowHTTP bool) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("not a URL: %v", err)
+	}
+	if u.Host == "" {
+		return fmt.Errorf("%q has no host", raw)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if allowHTTP || isLoopback(u.Hostname()) {
+			return nil
+		}
+		return fmt.Errorf("%q is plain http: use https (or keys.allow_http: true)", raw)
+	default:
+		return fmt.Errorf("%q: scheme must be https", raw)
+	}
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

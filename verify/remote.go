@@ -1,0 +1,325 @@
+package verify
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+)
+
+// keySource yields an issuer's current keys.
+type keySource interface {
+	// keys returns a usable set, loading it if there is none. It fails with
+	// an Unavailable *Error when no usable set can be had.
+	keys(ctx context.Context) (*keySet, error)
+	// refetch is called when a token names a kid that the set lacks. It may
+	// fetch again (at most once per MinRefreshInterval, shared by concurrent
+	// callers) and returns the set to look in.
+	refetch(ctx context.Context) *keySet
+	// loaded reports whether keys were ever loaded.
+	loaded() bool
+	// run refreshes in the background until ctx ends.
+	run(ctx context.Context)
+}
+
+// staticKeys never change: inline or file key sets and HMAC secrets.
+type staticKeys struct{ set *keySet }
+
+func (s staticKeys) keys(context.Context) (*keySet, error) { return s.set, nil }
+func (s staticKeys) refetch(context.Context) *keySet       { return s.set }
+func (s staticKeys) loaded() bool                          { return true }
+func (s staticKeys) run(context.Context)                   {}
+
+// remoteKeys fetches a JWKS over HTTP, either from a fixed URL or from the
+// jwks_uri of the issuer's OIDC discovery document.
+//
+// Concurrency: the current set is an atomic snapshot read without locks. All
+// fetches go through one singleflight key, so concurrent callers share one
+// request; each caller waits with its own context while the fetch runs on a
+// detached one bounded by Timeout.
+type remoteKeys struct {
+	issuer    string
+	jwksURI   string // fixed, or learned from discovery
+	discovery bool
+	cfg       KeysConfig
+	client    *http.Client
+	log       *slog.Logger
+	now       func() time.Time
+
+	cur     atomic.Pointer[keySet]
+	flights singleflight.Group
+	// Fetch counts requests made to the identity provider (discovery and
+	// JWKS), for tests and metrics.
+	fetches atomic.Int64
+
+	mu            sync.Mutex
+	discovered    string    // jwks_uri from discovery
+	lastFailAt    time.Time // when the last fetch failed
+	lastFailErr   error
+	lastRefetchAt time.Time // last unknown-kid refetch
+}
+
+func (r *remoteKeys) loaded() bool { return r.cur.Load() != nil }
+
+func (r *remoteKeys) usable(ks *keySet) bool {
+	return ks != nil && r.now().Before(ks.refreshAt.Add(r.cfg.MaxStale))
+}
+
+func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
+	if ks := r.cur.Load(); r.usable(ks) {
+		return ks, nil
+	}
+	// Nothing usable. After a failure, answer at once for MinRefreshInterval
+	// instead of sending every request to an identity provider that is down.
+	r.mu.Lock()
+	failedRecently := r.lastFailErr != nil && r.now().Sub(r.lastFailAt) < r.cfg.MinRefreshInterval
+	lastErr := r.lastFailErr
+	r.mu.Unlock()
+	if failedRecently {
+		return nil, unavailable("keys of issuer "+r.issuer+" are unavailable", lastErr)
+	}
+	ks, err := r.fetchShared(ctx)
+	if err != nil {
+		return nil, unavailable("keys of issuer "+r.issuer+" are unavailable", err)
+	}
+	return ks, nil
+}
+
+func (r *remoteKeys) refetch(ctx context.Context) *keySet {
+	ch := r.flights.DoChan("refetch", func() (any, error) {
+		r.mu.Lock()
+		if !r.lastRefetchAt.IsZero() && r.now().Sub(r.lastRefetchAt) < r.cfg.MinRefreshInterval {
+			r.mu.Unlock()
+			return r.cur.Load(), nil
+		}
+		r.lastRefetchAt = r.now()
+		r.mu.Unlock()
+		ks, _ := r.fetchShared(context.Background())
+		if ks == nil {
+			ks = r.cur.Load()
+		}
+		return ks, nil
+	})
+	select {
+	case <-ctx.Done():
+		return r.cur.Load()
+	case res := <-ch:
+		ks, _ := res.Val.(*keySet)
+		return ks
+	}
+}
+
+// fetchShared runs one fetch for all concurrent callers and installs the
+// result. A failed fetch leaves the current set in place.
+func (r *remoteKeys) fetchShared(ctx context.Context) (*keySet, error) {
+	ch := r.flights.DoChan("fetch", func() (any, error) {
+		fctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
+		defer cancel()
+		ks, err := r.fetch(fctx)
+		r.mu.Lock()
+		if err != nil {
+			r.lastFailAt, r.lastFailErr = r.now(), err
+		} else {
+			r.lastFailErr = nil
+		}
+		r.mu.Unlock()
+		if err != nil {
+			r.log.Warn("key set fetch failed", "issuer", r.issuer, "error", err)
+			return nil, err
+		}
+		prev := r.cur.Swap(ks)
+		if prev == nil || !sameKids(prev, ks) {
+			r.log.Info("key set loaded", "issuer", r.issuer, "keys", len(ks.keys), "skipped", ks.skipped,
+				"refresh_in", ks.refreshAt.Sub(ks.fetchedAt).String())
+		}
+		return ks, nil
+	})
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*keySet), nil
+	}
+}
+
+func sameKids(a, b *keySet) bool {
+	if len(a.keys) != len(b.keys) {
+		return false
+	}
+	for i := range a.keys {
+		if a.keys[i].kid != b.keys[i].kid {
+			return false
+		}
+	}
+	return true
+}
+
+// run refreshes the set when it is due, and after a failure every
+// MinRefreshInterval until a fetch succeeds.
+func (r *remoteKeys) run(ctx context.Context) {
+	for {
+		wait := r.cfg.MinRefreshInterval
+		if ks := r.cur.Load(); ks != nil {
+			r.mu.Lock()
+			failing := r.lastFailErr != nil
+			r.mu.Unlock()
+			if !failing {
+				wait = max(ks.refreshAt.Sub(r.now()), 0)
+			}
+		} else if r.fetches.Load() == 0 {
+			wait = 0 // first load at start-up
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		_, _ = r.fetchShared(ctx)
+	}
+}
+
+func (r *remoteKeys) fetch(ctx context.Context) (*keySet, error) {
+	uri := r.jwksURI
+	if r.discovery {
+		r.mu.Lock()
+		uri = r.discovered
+		r.mu.Unlock()
+		if uri == "" {
+			doc, err := r.discover(ctx)
+			if err != nil {
+				return nil, err
+			}
+			uri = doc.JWKSURI
+			r.mu.Lock()
+			r.discovered = uri
+			r.mu.Unlock()
+		}
+	}
+	body, hdr, err := r.get(ctx, uri)
+	if err != nil {
+		if r.discovery {
+			// The jwks_uri may have moved: discover again next time.
+			r.mu.Lock()
+			r.discovered = ""
+			r.mu.Unlock()
+		}
+		return nil, err
+	}
+	ks, err := parseKeySet(body, r.cfg.MaxKeys)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", uri, err)
+	}
+	now := r.now()
+	ks.fetchedAt = now
+	ks.refreshAt = now.Add(r.refreshAfter(hdr))
+	return ks, nil
+}
+
+// discoveryDoc is the part of an OIDC provider metadata document used here.
+type discoveryDoc struct {
+	Issuer                string `json:"issuer"`
+	JWKSURI               string `json:"jwks_uri"`
+	IntrospectionEndpoint string `json:"introspection_endpoint"`
+	UserinfoEndpoint      string `json:"userinfo_endpoint"`
+}
+
+func (r *remoteKeys) discover(ctx context.Context) (*discoveryDoc, error) {
+	uri := strings.TrimSuffix(r.issuer, "/") + "/.well-known/openid-configuration"
+	body, _, err := r.get(ctx, uri)
+	if err != nil {
+		return nil, err
+	}
+	var doc discoveryDoc
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return nil, fmt.Errorf("%s: not a discovery document: %w", uri, err)
+	}
+	// OIDC Discovery §4.3: the document's issuer must be the one configured,
+	// or a document served elsewhere could vouch for keys of another issuer.
+	if doc.Issuer != r.issuer {
+		return nil, fmt.Errorf("%s: issuer %q does not match the configured %q", uri, doc.Issuer, r.issuer)
+	}
+	if err := checkFetchURL(doc.JWKSURI, r.cfg.AllowHTTP); err != nil {
+		return nil, fmt.Errorf("%s: jwks_uri: %w", uri, err)
+	}
+	return &doc, nil
+}
+
+var errTooLarge = errors.New("response too large")
+
+func (r *remoteKeys) get(ctx context.Context, uri string) ([]byte, http.Header, error) {
+	r.fetches.Add(1)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, uri, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 4<<10))
+		return nil, nil, fmt.Errorf("%s: HTTP %d", uri, resp.StatusCode)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, r.cfg.MaxResponseBytes+1))
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", uri, err)
+	}
+	if int64(len(body)) > r.cfg.MaxResponseBytes {
+		return nil, nil, fmt.Errorf("%s: %w (limit %d bytes)", uri, errTooLarge, r.cfg.MaxResponseBytes)
+	}
+	return body, resp.Header, nil
+}
+
+// refreshAfter honours Cache-Control max-age within the configured bounds.
+func (r *remoteKeys) refreshAfter(h http.Header) time.Duration {
+	d := r.cfg.RefreshInterval
+	for _, directive := range strings.Split(h.Get("Cache-Control"), ",") {
+		name, val, _ := strings.Cut(strings.TrimSpace(directive), "=")
+		switch strings.ToLower(name) {
+		case "max-age":
+			if s, err := strconv.ParseInt(strings.Trim(val, `"`), 10, 64); err == nil && s >= 0 {
+				d = time.Duration(min(s, int64(365*24*3600))) * time.Second
+			}
+		case "no-cache", "no-store":
+			d = 0
+		}
+	}
+	return min(max(d, r.cfg.MinRefreshInterval), r.cfg.MaxRefreshInterval)
+}
+
+// newHTTPClient builds the client for key and metadata fetches: a timeout on
+// everything, and redirects only within the same host, so a compromised
+// endpoint cannot send the fetch to a host of its choosing.
+func newHTTPClient(base *http.Client, timeout time.Duration) *http.Client {
+	c := &http.Client{Timeout: timeout}
+	if base != nil {
+		c.Transport = base.Transport
+	}
+	c.CheckRedirect = func(req *http.Request, via []*http.Request) error {
+		if len(via) >= 3 {
+			return errors.New("too many redirects")
+		}
+		if req.URL.Host != via[0].URL.Host || (via[0].URL.Scheme == "https" && req.URL.Scheme != "https") {
+			return fmt.Errorf("redirect to another host or scheme (%s) refused", req.URL.Host)
+		}
+		return nil
+	}
+	return c
+}

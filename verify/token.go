@@ -1,0 +1,207 @@
+package verify
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// maxJSONDepth bounds nesting in token headers and payloads; real tokens nest
+// two or three levels.
+const maxJSONDepth = 16
+
+var b64 = base64.RawURLEncoding.Strict()
+
+// jwt is a compact JWS split and decoded, not yet verified.
+type jwt struct {
+	signingInput string // header.payload, as signed
+	signature    []byte
+	alg, kid     string
+	typ          string
+	claims       Claims
+}
+
+// LooksLikeJWT reports whether raw has the shape of a compact JWS (three
+// dot-separated segments), which is how opaque tokens are told apart.
+func LooksLikeJWT(raw string) bool { return strings.Count(raw, ".") == 2 }
+
+// parseJWT splits and decodes a compact JWS strictly. jwx's parser is lenient
+// (padding, standard base64, JSON serialization), so this is done here: only
+// unpadded base64url with canonical trailing bits, JSON objects without
+// duplicate keys, and a header that names no key material of its own.
+func parseJWT(raw string) (*jwt, error) {
+	switch n := strings.Count(raw, "."); {
+	case n == 4:
+		return nil, invalid("malformed", "encrypted tokens (JWE) are not accepted")
+	case n != 2:
+		return nil, invalid("malformed", "token is not a compact JWS")
+	}
+	h, rest, _ := strings.Cut(raw, ".")
+	p, s, _ := strings.Cut(rest, ".")
+	if h == "" || p == "" {
+		return nil, invalid("malformed", "token has an empty segment")
+	}
+	if s == "" {
+		return nil, invalid("malformed", "token has no signature")
+	}
+	hb, err := b64.DecodeString(h)
+	if err != nil {
+		return nil, invalid("malformed", "token header is not base64url")
+	}
+	pb, err := b64.DecodeString(p)
+	if err != nil {
+		return nil, invalid("malformed", "token payload is not base64url")
+	}
+	sig, err := b64.DecodeString(s)
+	if err != nil {
+		return nil, invalid("malformed", "token signature is not base64url")
+	}
+
+	t := &jwt{signingInput: raw[:len(h)+1+len(p)], signature: sig}
+	if err := t.parseHeader(hb); err != nil {
+		return nil, err
+	}
+	if err := checkJSON(pb); err != nil {
+		return nil, invalid("malformed", "token payload: "+err.Error())
+	}
+	dec := json.NewDecoder(bytes.NewReader(pb))
+	dec.UseNumber()
+	if err := dec.Decode(&t.claims); err != nil || t.claims == nil {
+		return nil, invalid("malformed", "token payload is not a JSON object")
+	}
+	return t, nil
+}
+
+func (t *jwt) parseHeader(hb []byte) error {
+	if err := checkJSON(hb); err != nil {
+		return invalid("malformed", "token header: "+err.Error())
+	}
+	var hdr map[string]json.RawMessage
+	if err := json.Unmarshal(hb, &hdr); err != nil || hdr == nil {
+		return invalid("malformed", "token header is not a JSON object")
+	}
+	str := func(name string) (string, error) {
+		v, ok := hdr[name]
+		if !ok {
+			return "", nil
+		}
+		var s string
+		if err := json.Unmarshal(v, &s); err != nil {
+			return "", invalid("malformed", "token header "+name+" is not a string")
+		}
+		return s, nil
+	}
+	var err error
+	if t.alg, err = str("alg"); err != nil {
+		return err
+	}
+	if t.kid, err = str("kid"); err != nil {
+		return err
+	}
+	if t.typ, err = str("typ"); err != nil {
+		return err
+	}
+	cty, err := str("cty")
+	if err != nil {
+		return err
+	}
+	switch {
+	case t.alg == "":
+		return invalid("malformed", "token header has no alg")
+	case strings.EqualFold(t.alg, "none"):
+		return invalid("alg_none", "unsigned tokens (alg none) are not accepted")
+	case hdr["enc"] != nil:
+		return invalid("malformed", "encrypted tokens (JWE) are not accepted")
+	case strings.EqualFold(cty, "JWT"):
+		return invalid("malformed", "nested tokens are not accepted")
+	case hdr["crit"] != nil:
+		// No JWS extension is understood here, so every critical one is unknown
+		// (RFC 7515 §4.1.11); b64 always comes with crit.
+		return invalid("malformed", "token has critical header parameters that are not supported")
+	case hdr["b64"] != nil:
+		return invalid("malformed", "unencoded payloads (b64) are not accepted")
+	}
+	for _, name := range []string{"jwk", "jku", "x5u", "x5c"} {
+		if hdr[name] != nil {
+			return invalid("token_key", "tokens that carry or point to their own key ("+name+") are not accepted")
+		}
+	}
+	return nil
+}
+
+// checkJSON rejects what encoding/json would silently accept and a signer and
+// a verifier could read differently: duplicate object keys (last one wins in
+// Go, first in others), deep nesting, trailing data, and a top level that is
+// not an object.
+func checkJSON(b []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	type frame struct {
+		keys     map[string]struct{}
+		isObject bool
+		wantKey  bool
+	}
+	var stack []frame
+	first := true
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			if len(stack) != 0 {
+				return fmt.Errorf("truncated JSON")
+			}
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("invalid JSON")
+		}
+		if first {
+			if d, ok := tok.(json.Delim); !ok || d != '{' {
+				return fmt.Errorf("not a JSON object")
+			}
+		} else if len(stack) == 0 {
+			return fmt.Errorf("trailing data after JSON object")
+		}
+		first = false
+		top := len(stack) - 1
+		if top >= 0 && stack[top].isObject && stack[top].wantKey {
+			if d, ok := tok.(json.Delim); ok && d == '}' {
+				stack = stack[:top]
+				continue
+			}
+			k, _ := tok.(string)
+			if _, dup := stack[top].keys[k]; dup {
+				return fmt.Errorf("duplicate key %q", truncate(k, 32))
+			}
+			stack[top].keys[k] = struct{}{}
+			stack[top].wantKey = false
+			continue
+		}
+		if top >= 0 && stack[top].isObject {
+			stack[top].wantKey = true
+		}
+		switch tok {
+		case json.Delim('{'):
+			if len(stack) >= maxJSONDepth {
+				return fmt.Errorf("JSON nested deeper than %d", maxJSONDepth)
+			}
+			stack = append(stack, frame{keys: map[string]struct{}{}, isObject: true, wantKey: true})
+		case json.Delim('['):
+			if len(stack) >= maxJSONDepth {
+				return fmt.Errorf("JSON nested deeper than %d", maxJSONDepth)
+			}
+			stack = append(stack, frame{})
+		case json.Delim(']'):
+			stack = stack[:top]
+		}
+	}
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
