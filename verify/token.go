@@ -44,25 +44,24 @@ func parseJWT(raw string) (*jwt, error) {
 	if h == "" || p == "" {
 		return nil, invalid("malformed", "token has an empty segment")
 	}
-	if s == "" {
-		return nil, invalid("malformed", "token has no signature")
-	}
 	hb, err := b64.DecodeString(h)
 	if err != nil {
 		return nil, invalid("malformed", "token header is not base64url")
+	}
+	t := &jwt{signingInput: raw[:len(h)+1+len(p)]}
+	// The header goes first so that alg none is named as such.
+	if err := t.parseHeader(hb); err != nil {
+		return nil, err
+	}
+	if s == "" {
+		return nil, invalid("malformed", "token has no signature")
 	}
 	pb, err := b64.DecodeString(p)
 	if err != nil {
 		return nil, invalid("malformed", "token payload is not base64url")
 	}
-	sig, err := b64.DecodeString(s)
-	if err != nil {
+	if t.signature, err = b64.DecodeString(s); err != nil {
 		return nil, invalid("malformed", "token signature is not base64url")
-	}
-
-	t := &jwt{signingInput: raw[:len(h)+1+len(p)], signature: sig}
-	if err := t.parseHeader(hb); err != nil {
-		return nil, err
 	}
 	if err := checkJSON(pb); err != nil {
 		return nil, invalid("malformed", "token payload: "+err.Error())

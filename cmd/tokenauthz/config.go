@@ -93,24 +93,28 @@ func loadConfig(path string) (*fileConfig, error) {
 
 func parseConfig(data []byte, name string) (*fileConfig, error) {
 	var cfg fileConfig
+	var problems []string
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&cfg); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil, &configError{file: name, problems: []string{"the file is empty"}}
-		}
 		var te *yaml.TypeError
-		if errors.As(err, &te) {
-			return nil, &configError{file: name, problems: te.Errors}
+		switch {
+		case errors.Is(err, io.EOF):
+			return nil, &configError{file: name, problems: []string{"the file is empty"}}
+		case errors.As(err, &te):
+			// yaml.v3 decodes what it can and lists every unknown key and
+			// type mismatch, so validation can report its problems too.
+			problems = append(problems, te.Errors...)
+		default:
+			return nil, &configError{file: name, problems: []string{err.Error()}}
 		}
-		return nil, &configError{file: name, problems: []string{err.Error()}}
 	}
 	var extra any
 	if dec.Decode(&extra) != io.EOF {
-		return nil, &configError{file: name, problems: []string{"more than one YAML document"}}
+		problems = append(problems, "more than one YAML document")
 	}
 	cfg.Server.applyDefaults()
-	problems := cfg.Config.Validate()
+	problems = append(problems, cfg.Config.Validate()...)
 	switch cfg.Server.LogFormat {
 	case "json", "text":
 	default:

@@ -162,4 +162,3 @@ func version() string {
 	}
 	return "tokenauthz " + v
 }
-

@@ -1,0 +1,174 @@
+package authz_test
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"google.golang.org/grpc/codes"
+
+	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/verify"
+	"github.com/tokenauthz/tokenauthz/verify/idptest"
+)
+
+func remoteFixture(t *testing.T, keys verify.KeysConfig, ks ...*idptest.Key) (*idptest.IdP, *authz.Config) {
+	t.Helper()
+	idp := idptest.New(t, ks...)
+	return idp, &authz.Config{
+		Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud},
+			JWKSURI: idp.JWKSURL(), Algorithms: []string{"RS256", "ES256"}, Keys: keys}},
+		Routes:  []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}}},
+		Headers: map[string]string{"x-user-id": "sub"},
+	}
+}
+
+func TestUnknownKidRefetchesOnceThenDenies(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	idp, cfg := remoteFixture(t, verify.KeysConfig{MinRefreshInterval: time.Hour}, k1)
+	clk := newClock()
+	c := start(t, cfg, clk)
+	allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}))
+	if got := idp.JWKSHits.Load(); got != 1 {
+		t.Fatalf("initial load: %d fetches", got)
+	}
+	// A flood of unknown kids, concurrently: one refetch between them.
+	stranger := idptest.NewKey(t, "unknown", "RS256")
+	var wg sync.WaitGroup
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			stranger := &idptest.Key{Kid: "unknown-" + string(rune('a'+i%26)), Alg: "RS256", Private: stranger.Private}
+			denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, stranger, idp.Claims(aud)))}),
+				codes.Unauthenticated, typev3.StatusCode_Unauthorized, "key id is not in the issuer's key set")
+		}()
+	}
+	wg.Wait()
+	if got := idp.JWKSHits.Load(); got != 2 {
+		t.Fatalf("after unknown-kid flood: %d fetches, want 2 (one refetch)", got)
+	}
+	// After the interval, one more refetch is allowed.
+	clk.Add(time.Hour + time.Second)
+	denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, stranger, idp.Claims(aud)))}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
+	if got := idp.JWKSHits.Load(); got != 3 {
+		t.Fatalf("after the interval: %d fetches, want 3", got)
+	}
+}
+
+func TestKeyRotation(t *testing.T) {
+	k1, k2 := idptest.NewKey(t, "k1", "RS256"), idptest.NewKey(t, "k2", "ES256")
+	idp, cfg := remoteFixture(t, verify.KeysConfig{}, k1)
+	c := start(t, cfg, nil)
+	allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}))
+	idp.SetKeys(k2) // rotate: k2 published, k1 withdrawn
+	var wg sync.WaitGroup
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k2, idp.Claims(aud)))}))
+		}()
+	}
+	wg.Wait()
+	if got := idp.JWKSHits.Load(); got != 2 {
+		t.Fatalf("rotation took %d fetches, want 2 (load + one refetch)", got)
+	}
+	// The withdrawn key no longer verifies.
+	denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
+}
+
+func TestIdPDown(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	t.Run("with cached keys, still allows until max_stale", func(t *testing.T) {
+		idp, cfg := remoteFixture(t, verify.KeysConfig{RefreshInterval: time.Minute, MaxStale: time.Hour}, k1)
+		clk := newClock()
+		c := start(t, cfg, clk)
+		allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
+		idp.SetDown(true)
+		clk.Add(30 * time.Minute) // refresh due, IdP down: stale keys keep serving
+		allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
+		// An unknown kid tries the IdP, fails, and the known key still works.
+		denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, idptest.NewKey(t, "k9", "RS256"), claimsAt(idp, clk)))}),
+			codes.Unauthenticated, typev3.StatusCode_Unauthorized)
+		allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
+		clk.Add(time.Hour) // past refresh + max_stale: no decision possible
+		resp := check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))})
+		denied(t, resp, codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
+		if resp.GetDeniedResponse() != nil {
+			t.Error("an outage must be an error_response, not a denial")
+		}
+		idp.SetDown(false)
+		clk.Add(time.Minute) // past the failure back-off
+		allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
+	})
+	t.Run("with no keys, 503 error response and back-off", func(t *testing.T) {
+		idp, cfg := remoteFixture(t, verify.KeysConfig{MinRefreshInterval: time.Minute}, k1)
+		idp.SetDown(true)
+		clk := newClock()
+		c := start(t, cfg, clk)
+		for i := 0; i < 5; i++ {
+			denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}), codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
+		}
+		if got := idp.JWKSHits.Load(); got != 1 {
+			t.Errorf("%d fetches while down, want 1 (failures back off)", got)
+		}
+		// A bad token is still refused as such: no key work happens for it.
+		denied(t, check(t, c, req{headers: bearer("garbage")}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
+		idp.SetDown(false)
+		clk.Add(time.Minute)
+		allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}))
+	})
+	t.Run("unreachable", func(t *testing.T) {
+		_, cfg := remoteFixture(t, verify.KeysConfig{}, k1)
+		cfg.Issuers[0].JWKSURI = "http://127.0.0.1:1/jwks" // nothing listens on port 1
+		c := start(t, cfg, nil)
+		iss := cfg.Issuers[0].Issuer
+		tok := idptest.Mint(t, k1, map[string]any{"iss": iss, "aud": aud, "sub": "x", "exp": time.Now().Unix() + 60})
+		denied(t, check(t, c, req{headers: bearer(tok)}), codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
+	})
+}
+
+func TestBrokenKeySetsKeepOldKeys(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	idp, cfg := remoteFixture(t, verify.KeysConfig{MaxResponseBytes: 64 << 10}, k1)
+	clk := newClock()
+	c := start(t, cfg, clk)
+	allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
+	for name, body := range map[string][]byte{
+		"garbage":   []byte("<html>oops</html>"),
+		"empty set": []byte(`{"keys":[]}`),
+		"oversized": append(append([]byte(`{"keys":[],"pad":"`), make([]byte, 70<<10)...), '"', '}'),
+	} {
+		t.Run(name, func(t *testing.T) {
+			idp.SetRawJWKS(body)
+			clk.Add(time.Hour) // past refresh interval and unknown-kid interval
+			denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, idptest.NewKey(t, "k9", "RS256"), claimsAt(idp, clk)))}),
+				codes.Unauthenticated, typev3.StatusCode_Unauthorized, "key id")
+			allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
+		})
+	}
+}
+
+func TestDiscoveryIssuerMismatch(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	idp := idptest.New(t, k1)
+	idp.SetDiscoveryIssuer("https://someone-else.example")
+	cfg := &authz.Config{
+		Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud}, Discovery: true, Algorithms: []string{"RS256"}}},
+		Routes:  []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}}},
+	}
+	c := start(t, cfg, nil)
+	denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}), codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
+	if idp.JWKSHits.Load() != 0 {
+		t.Error("keys were fetched from a discovery document for another issuer")
+	}
+}
+
+// claimsAt are valid claims for idp at the test clock's time.
+func claimsAt(idp *idptest.IdP, clk *clock) map[string]any {
+	m := idp.Claims(aud)
+	m["iat"], m["exp"] = clk.Unix(), clk.Unix()+3600
+	return m
+}

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection/grpc_reflection_v1"
+)
+
+func TestValidateNamesEveryProblem(t *testing.T) {
+	cfg := `
+server: { grpc_addr: ":9191", log_format: xml }
+issuers:
+  - name: main
+    issuer: https://issuer.example
+    jwks_uri: http://issuer.example/jwks
+    algoritms: [RS256]
+    leeway: 10m
+routes:
+  - { name: admin, match: { path_prefix: admin }, issuers: [nope], claims: { stt: {a: 1} } }
+headers: { X-User: sub, authorization: sub }
+`
+	path := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	if code := cli([]string{"validate", "--config", path}, &stdout, &stderr); code != 1 {
+		t.Fatalf("exit %d, want 1; stderr: %s", code, stderr.String())
+	}
+	out := stderr.String()
+	for _, want := range []string{
+		path,
+		"line 7: field algoritms not found",
+		"issuers[0].audiences: required",
+		"issuers[0].jwks_uri: \"http://issuer.example/jwks\" is plain http",
+		"issuers[0].algorithms: required",
+		"issuers[0].leeway: must be between",
+		"routes[0].match.path_prefix: must start with /",
+		`routes[0].issuers[0]: no issuer named "nope"`,
+		"routes[0].claims.stt: accepted values are strings, numbers or booleans",
+		"headers.X-User: not a lower-case HTTP header name",
+		"headers.authorization: this header cannot carry a claim",
+		"server.log_format: must be json or text",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("validate output lacks %q:\n%s", want, out)
+		}
+	}
+
+	if code := cli([]string{"validate", "--config", filepath.Join(t.TempDir(), "missing.yaml")}, &stdout, &stderr); code != 1 {
+		t.Errorf("missing file: exit %d", code)
+	}
+	empty := filepath.Join(t.TempDir(), "empty.yaml")
+	_ = os.WriteFile(empty, nil, 0o600)
+	stderr.Reset()
+	if code := cli([]string{"validate", "--config", empty}, &stdout, &stderr); code != 1 || !strings.Contains(stderr.String(), "empty") {
+		t.Errorf("empty file: exit %d, %s", code, stderr.String())
+	}
+}
+
+func TestServeRefusesInvalidConfig(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "bad.yaml")
+	_ = os.WriteFile(path, []byte("issuers: []\nroutes: []\nunknown: 1\n"), 0o600)
+	var stderr bytes.Buffer
+	if code := cli([]string{"serve", "--config", path}, io.Discard, &stderr); code != 1 {
+		t.Fatalf("serve on an invalid config: exit %d", code)
+	}
+	if !strings.Contains(stderr.String(), "field unknown not found") {
+		t.Errorf("stderr: %s", stderr.String())
+	}
+}
+
+// TestDemoQuickstart is the README's first minute: serve on the embedded demo
+// config, mint a demo token, get an allow with claim headers and a deny.
+func TestDemoQuickstart(t *testing.T) {
+	cfg, err := loadConfig("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Server.ShutdownTimeout = 5 * time.Second
+	grpcLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg, grpcLis, httpLis, newLogger("text", "error")) }()
+
+	conn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	var stdout bytes.Buffer
+	if code := cli([]string{"demo-token", "--sub", "bob", "--scope", "read admin"}, &stdout, io.Discard); code != 0 {
+		t.Fatal("demo-token failed")
+	}
+	token := strings.TrimSpace(stdout.String())
+
+	// Ready once keys are loaded (inline keys: at once).
+	hc := healthpb.NewHealthClient(conn)
+	waitFor(t, func() bool {
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "readiness"})
+		return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING
+	})
+	if r, err := http.Get("http://" + httpLis.Addr().String() + "/readyz"); err != nil || r.StatusCode != 200 {
+		t.Fatalf("/readyz: %v %v", r, err)
+	}
+
+	c := authv3.NewAuthorizationClient(conn)
+	checkReq := func(path, auth string) *authv3.CheckResponse {
+		h := map[string]string{":path": path}
+		if auth != "" {
+			h["authorization"] = auth
+		}
+		resp, err := c.Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{Request: &authv3.AttributeContext_Request{
+			Http: &authv3.AttributeContext_HttpRequest{Method: "GET", Path: path, Host: "demo", Headers: h}}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	resp := checkReq("/admin/x", "Bearer "+token)
+	if resp.GetStatus().GetCode() != int32(codes.OK) {
+		t.Fatalf("demo token denied: %v", resp)
+	}
+	got := map[string]string{}
+	for _, h := range resp.GetOkResponse().GetHeaders() {
+		got[h.GetHeader().GetKey()] = h.GetHeader().GetValue()
+	}
+	if got["x-user-id"] != "bob" || got["x-user-scopes"] != "read admin" {
+		t.Errorf("claim headers %v", got)
+	}
+	if resp := checkReq("/orders", ""); resp.GetDeniedResponse().GetStatus().GetCode() != 401 {
+		t.Errorf("no token: %v", resp)
+	}
+
+	// grpcurl finds the service through reflection.
+	rc, err := grpc_reflection_v1.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = rc.Send(&grpc_reflection_v1.ServerReflectionRequest{MessageRequest: &grpc_reflection_v1.ServerReflectionRequest_ListServices{}})
+	lr, err := rc.Recv()
+	if err != nil || !strings.Contains(lr.String(), "envoy.service.auth.v3.Authorization") {
+		t.Errorf("reflection does not list the Check service: %v %v", lr, err)
+	}
+
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
