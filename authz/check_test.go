@@ -21,14 +21,6 @@ const aud = "orders-api"
 
 var hmacSecret = []byte("0123456789abcdef0123456789abcdef") // 32 bytes: enough for HS256
 
-type fixture struct {
-	idp  *idptest.IdP
-	keys map[string]*idptest.Key
-	cfg  *authz.Config
-	clk  *clock
-	c    interface{}
-}
-
 func dur(d time.Duration) *time.Duration { return &d }
 
 // mainFixture: one IdP with a key per asymmetric family plus an HMAC secret,

@@ -44,16 +44,16 @@ func credentials(h *authv3.AttributeContext_HttpRequest, path string, maxTokenBy
 		// logs and Referer headers), so it is not accepted.
 		return "", denyRequest("query_token", "tokens in the query string are not accepted; use the Authorization header")
 	}
-	v := values[0]
-	if len(v) > maxTokenBytes+len("Bearer ") {
-		return "", denyInvalid("token_too_large", "token is too large")
-	}
-	scheme, rest, _ := strings.Cut(v, " ")
+	scheme, rest, _ := strings.Cut(values[0], " ")
 	if !strings.EqualFold(scheme, "Bearer") {
 		// Another scheme (Basic, …) is no bearer token at all.
 		return "", denyMissing()
 	}
 	tok := strings.TrimLeft(rest, " ")
+	if len(tok) > maxTokenBytes {
+		// Refused before any parsing or hashing.
+		return "", denyInvalid("token_too_large", "token is too large")
+	}
 	if tok == "" || !isToken68(tok) {
 		return "", denyInvalid("malformed", "the Authorization header is not a bearer token")
 	}

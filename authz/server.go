@@ -119,11 +119,6 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 		d.route = r
 		return d, token
 	}
-	if len(token) > p.maxTokenBytes {
-		d := denyInvalid("token_too_large", "token is too large")
-		d.route = r
-		return d, token
-	}
 	if !verify.LooksLikeJWT(token) {
 		d := denyInvalid("malformed", "token is not a JWT")
 		d.route = r
