@@ -389,7 +389,7 @@ func TestTwoIssuersSideBySide(t *testing.T) {
 // panicky is a verifier whose bug must not become an allow.
 type panicky struct{}
 
-func (panicky) Verify(context.Context, string, []string) (*verify.Result, error) { panic("bug") }
+func (panicky) Verify(context.Context, string, verify.Policy) (*verify.Result, error) { panic("bug") }
 
 func TestPanicIsDenied(t *testing.T) {
 	_, keys, cfg := mainFixture(t)

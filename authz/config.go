@@ -2,8 +2,10 @@ package authz
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/tokenauthz/tokenauthz/verify"
@@ -45,6 +47,16 @@ type RouteConfig struct {
 	// Claims: each claim (dotted path) must equal the value, or one of the
 	// values in a list. Compared exactly: "true" is not true.
 	Claims map[string]any `yaml:"claims"`
+	// Introspect: "opaque" (default) sends opaque tokens to the issuers'
+	// introspection endpoints and verifies JWTs locally only; "always" also
+	// confirms every JWT with introspection, so revoked JWTs are refused
+	// (every accepted issuer needs an introspection block); "never" accepts
+	// JWTs only.
+	Introspect string `yaml:"introspect"`
+	// Userinfo adds the userinfo endpoint's claims under "userinfo." for
+	// claim headers and claim rules (every accepted issuer needs a userinfo
+	// block).
+	Userinfo bool `yaml:"userinfo"`
 }
 
 // Match selects requests. Empty fields match everything.
@@ -65,6 +77,11 @@ const (
 	defaultMaxTokenBytes = 8192
 )
 
+var introspectModes = map[string]verify.Introspect{
+	"": verify.IntrospectOpaque, "opaque": verify.IntrospectOpaque,
+	"always": verify.IntrospectAlways, "never": verify.IntrospectNever,
+}
+
 var headerName = regexp.MustCompile(`^[a-z0-9!#$%&'*+.^_|~-]+$`)
 
 // Validate returns every problem in c, each naming its key.
@@ -77,6 +94,7 @@ func (c *Config) Validate() []string {
 		bad("issuers", "at least one issuer is required")
 	}
 	isses := map[string]bool{}
+	byName := map[string]*verify.IssuerConfig{}
 	for i := range c.Issuers {
 		is := &c.Issuers[i]
 		key := fmt.Sprintf("issuers[%d]", i)
@@ -88,6 +106,7 @@ func (c *Config) Validate() []string {
 				bad(key+".name", "duplicate issuer name %q", is.Name)
 			}
 			names[is.Name] = true
+			byName[is.Name] = is
 		}
 		if is.Issuer != "" {
 			if isses[is.Issuer] {
@@ -124,8 +143,28 @@ func (c *Config) Validate() []string {
 				bad(fmt.Sprintf("%s.match.methods[%d]", key, j), "methods are upper case, like GET")
 			}
 		}
-		if r.Anonymous && (len(r.Issuers) > 0 || len(r.Scopes) > 0 || len(r.Claims) > 0) {
-			bad(key, "an anonymous route takes no issuers, scopes or claims")
+		if r.Anonymous && (len(r.Issuers) > 0 || len(r.Scopes) > 0 || len(r.Claims) > 0 || r.Introspect != "" || r.Userinfo) {
+			bad(key, "an anonymous route takes no issuers, scopes, claims, introspect or userinfo")
+		}
+		if _, ok := introspectModes[r.Introspect]; !ok {
+			bad(key+".introspect", "%q is not opaque, always or never", r.Introspect)
+		}
+		accepted := r.Issuers
+		if len(accepted) == 0 {
+			accepted = slices.Collect(maps.Keys(byName))
+			slices.Sort(accepted)
+		}
+		for _, n := range accepted {
+			is := byName[n]
+			if is == nil {
+				continue // reported below
+			}
+			if r.Introspect == "always" && is.Introspection == nil {
+				bad(key+".introspect", "always, but issuer %q has no introspection block", n)
+			}
+			if r.Userinfo && is.Userinfo == nil {
+				bad(key+".userinfo", "issuer %q has no userinfo block", n)
+			}
 		}
 		for j, n := range r.Issuers {
 			if !names[n] {

@@ -29,7 +29,7 @@ type route struct {
 	prefix    string
 	methods   []string
 	anonymous bool
-	issuers   []string
+	vpol      verify.Policy // what the token must pass in verify
 	scopes    []string
 	claims    []claimRule
 }
@@ -66,10 +66,11 @@ func compile(c *Config) (*policy, error) {
 		r := &route{
 			name: rc.Name, host: strings.ToLower(rc.Match.Host), path: rc.Match.Path,
 			prefix: strings.TrimSuffix(rc.Match.PathPrefix, "/"), methods: rc.Match.Methods,
-			anonymous: rc.Anonymous, issuers: rc.Issuers, scopes: rc.Scopes,
+			anonymous: rc.Anonymous, scopes: rc.Scopes,
+			vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
 		}
-		if len(r.issuers) == 0 {
-			r.issuers = allIssuers
+		if len(r.vpol.Issuers) == 0 {
+			r.vpol.Issuers = allIssuers
 		}
 		// The prefix "/" becomes "" and matches every path.
 		if rc.Match.PathPrefix == "" {

@@ -16,10 +16,10 @@ import (
 	"github.com/tokenauthz/tokenauthz/verify"
 )
 
-// TokenVerifier checks a raw token for the issuers a route accepts. Errors
+// TokenVerifier checks a raw token against what a route asks of it. Errors
 // are *verify.Error; any other error is treated as Unavailable.
 type TokenVerifier interface {
-	Verify(ctx context.Context, raw string, allowed []string) (*verify.Result, error)
+	Verify(ctx context.Context, raw string, p verify.Policy) (*verify.Result, error)
 }
 
 // Server implements envoy.service.auth.v3.Authorization. It is safe for
@@ -119,19 +119,15 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 		d.route = r
 		return d, token
 	}
-	if !verify.LooksLikeJWT(token) {
-		d := denyInvalid("malformed", "token is not a JWT")
-		d.route = r
-		return d, token
-	}
-	res, err := st.v.Verify(ctx, token, r.issuers)
+	res, err := st.v.Verify(ctx, token, r.vpol)
 	if err != nil {
 		ve := verify.AsError(err)
 		var d *decision
 		if ve.Kind == verify.Invalid {
 			d = denyInvalid(ve.Reason, ve.Desc)
 		} else {
-			s.log.Warn("no decision possible", "route", r.name, "error", err)
+			// The cause names the issuer and endpoint, never the token.
+			s.log.Warn("no decision possible", "route", r.name, "issuer", ve.Issuer, "error", err.Error())
 			d = errUnavailable("authorization is temporarily unavailable")
 		}
 		d.route = r

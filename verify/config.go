@@ -53,6 +53,78 @@ type IssuerConfig struct {
 	AllowMissingExp bool `yaml:"allow_missing_exp"`
 
 	Keys KeysConfig `yaml:"keys"`
+
+	// Introspection, when set, lets this issuer's opaque tokens in (RFC 7662)
+	// and lets routes with introspect: always confirm its JWTs are still active.
+	Introspection *IntrospectionConfig `yaml:"introspection"`
+	// Userinfo, when set, lets routes enrich this issuer's tokens with the
+	// OIDC userinfo endpoint's claims.
+	Userinfo *UserinfoConfig `yaml:"userinfo"`
+}
+
+// IntrospectionConfig is an RFC 7662 token introspection endpoint and the
+// client credentials tokenauthz authenticates to it with.
+type IntrospectionConfig struct {
+	// Endpoint of the introspection service. Default: the discovery
+	// document's introspection_endpoint (needs discovery: true).
+	Endpoint string `yaml:"endpoint"`
+	ClientID string `yaml:"client_id"`
+	// The client secret comes from a file or an environment variable, never
+	// from the config itself, so configs can be shared and logged.
+	ClientSecretFile string `yaml:"client_secret_file"`
+	ClientSecretEnv  string `yaml:"client_secret_env"`
+	// AuthMethod is client_secret_basic (default) or client_secret_post.
+	AuthMethod string `yaml:"auth_method"`
+	// Timeout bounds one call. Default 2s.
+	Timeout time.Duration `yaml:"timeout"`
+	// MaxResponseBytes bounds a response. Default 64 KiB.
+	MaxResponseBytes int64 `yaml:"max_response_bytes"`
+	// CacheTTL is how long an active result is reused, at most (never past
+	// the token's exp). It is the revocation latency. Default 30s; 0 asks
+	// the provider on every request.
+	CacheTTL *time.Duration `yaml:"cache_ttl"`
+	// NegativeCacheTTL is how long an inactive result is reused, to absorb
+	// floods of bad tokens. Default 5s; 0 disables.
+	NegativeCacheTTL *time.Duration `yaml:"negative_cache_ttl"`
+	// AllowHTTP permits a plain-http endpoint on a non-loopback host.
+	// Dangerous: tokens and the client secret cross the network in the clear.
+	AllowHTTP bool `yaml:"allow_http"`
+}
+
+// UserinfoConfig is an OIDC userinfo endpoint whose claims routes can use.
+type UserinfoConfig struct {
+	// Endpoint of the userinfo service. Default: the discovery document's
+	// userinfo_endpoint (needs discovery: true).
+	Endpoint string `yaml:"endpoint"`
+	// EveryRoute enriches this issuer's tokens on every route, not only on
+	// routes with userinfo: true.
+	EveryRoute bool `yaml:"every_route"`
+	// Timeout bounds one call. Default 2s.
+	Timeout time.Duration `yaml:"timeout"`
+	// MaxResponseBytes bounds a response. Default 64 KiB.
+	MaxResponseBytes int64 `yaml:"max_response_bytes"`
+	// CacheTTL: how long a response is reused, at most (never past the
+	// token's exp). Default 30s; 0 disables.
+	CacheTTL *time.Duration `yaml:"cache_ttl"`
+	// NegativeCacheTTL: how long a refusal (HTTP 401) is reused. Default 5s.
+	NegativeCacheTTL *time.Duration `yaml:"negative_cache_ttl"`
+	// AllowHTTP permits a plain-http endpoint on a non-loopback host.
+	AllowHTTP bool `yaml:"allow_http"`
+}
+
+// endpointDefaults are shared by the introspection and userinfo calls.
+const (
+	defaultEndpointTimeout  = 2 * time.Second
+	defaultEndpointMaxBytes = 64 << 10
+	defaultCacheTTL         = 30 * time.Second
+	defaultNegativeCacheTTL = 5 * time.Second
+)
+
+func durOr(d *time.Duration, def time.Duration) time.Duration {
+	if d == nil {
+		return def
+	}
+	return *d
 }
 
 // KeysConfig tunes fetching of remote key sets. Zero values take the defaults.
@@ -176,6 +248,13 @@ func (c *IssuerConfig) Validate() []string {
 			bad("jwks", "%v", err)
 		}
 	}
+	if in := c.Introspection; in != nil {
+		p = append(p, in.validate(c.Discovery)...)
+	}
+	if ui := c.Userinfo; ui != nil {
+		p = append(p, validateEndpoint("userinfo", ui.Endpoint, ui.AllowHTTP, c.Discovery, ui.Timeout,
+			ui.MaxResponseBytes, ui.CacheTTL, ui.NegativeCacheTTL)...)
+	}
 	if keys.MinRefreshInterval > keys.MaxRefreshInterval {
 		bad("keys.min_refresh_interval", "greater than keys.max_refresh_interval")
 	}
@@ -221,21 +300,80 @@ func (c *IssuerConfig) Validate() []string {
 	return p
 }
 
+func (in *IntrospectionConfig) validate(discovery bool) []string {
+	p := validateEndpoint("introspection", in.Endpoint, in.AllowHTTP, discovery, in.Timeout,
+		in.MaxResponseBytes, in.CacheTTL, in.NegativeCacheTTL)
+	if in.ClientID == "" {
+		p = append(p, "introspection.client_id: required")
+	}
+	switch {
+	case in.ClientSecretFile != "" && in.ClientSecretEnv != "":
+		p = append(p, "introspection.client_secret_file: set only one of client_secret_file, client_secret_env")
+	case in.ClientSecretFile == "" && in.ClientSecretEnv == "":
+		p = append(p, "introspection.client_secret_file: required (or client_secret_env); secrets are never inline")
+	default:
+		if _, err := readSecret(in.ClientSecretFile, in.ClientSecretEnv); err != nil {
+			key := "introspection.client_secret_file"
+			if in.ClientSecretEnv != "" {
+				key = "introspection.client_secret_env"
+			}
+			p = append(p, key+": "+err.Error())
+		}
+	}
+	switch in.AuthMethod {
+	case "", authBasic, authPost:
+	default:
+		p = append(p, fmt.Sprintf("introspection.auth_method: %q is not client_secret_basic or client_secret_post", in.AuthMethod))
+	}
+	return p
+}
+
+func validateEndpoint(key, endpoint string, allowHTTP, discovery bool, timeout time.Duration, maxBytes int64, ttls ...*time.Duration) []string {
+	var p []string
+	switch {
+	case endpoint != "":
+		if err := checkFetchURL(endpoint, allowHTTP); err != nil {
+			p = append(p, fmt.Sprintf("%s.endpoint: %v", key, err))
+		}
+	case !discovery:
+		p = append(p, key+".endpoint: required unless the issuer uses discovery: true")
+	}
+	if timeout < 0 {
+		p = append(p, key+".timeout: must be positive")
+	}
+	if maxBytes < 0 {
+		p = append(p, key+".max_response_bytes: must be positive")
+	}
+	for i, ttl := range ttls {
+		if ttl != nil && *ttl < 0 {
+			name := []string{"cache_ttl", "negative_cache_ttl"}[i]
+			p = append(p, key+"."+name+": must not be negative")
+		}
+	}
+	return p
+}
+
 func (c *IssuerConfig) hmacSecret() ([]byte, error) {
+	return readSecret(c.HMACSecretFile, c.HMACSecretEnv)
+}
+
+// readSecret reads a secret from a file or an environment variable; nil
+// when neither is named.
+func readSecret(file, env string) ([]byte, error) {
 	var s []byte
 	switch {
-	case c.HMACSecretFile != "":
-		b, err := os.ReadFile(c.HMACSecretFile)
+	case file != "":
+		b, err := os.ReadFile(file)
 		if err != nil {
 			return nil, err
 		}
 		// Files written by editors and kubectl often end in a newline that is
 		// not part of the secret.
 		s = []byte(strings.TrimRight(string(b), "\r\n"))
-	case c.HMACSecretEnv != "":
-		v, ok := os.LookupEnv(c.HMACSecretEnv)
+	case env != "":
+		v, ok := os.LookupEnv(env)
 		if !ok {
-			return nil, fmt.Errorf("environment variable %s is not set", c.HMACSecretEnv)
+			return nil, fmt.Errorf("environment variable %s is not set", env)
 		}
 		s = []byte(v)
 	default:

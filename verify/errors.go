@@ -37,6 +37,8 @@ type Error struct {
 	// "expired" or "unknown_kid".
 	Reason string
 	Desc   string
+	// Issuer names the issuer concerned, when one was chosen.
+	Issuer string
 	Err    error
 }
 

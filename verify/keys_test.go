@@ -92,7 +92,7 @@ func TestBackgroundRefresh(t *testing.T) {
 	src := v.byName["idp"].src.(*remoteKeys)
 	waitFor(t, func() bool { ks := src.cur.Load(); return ks != nil && ks.hasKid("k2") })
 	before := idp.JWKSHits.Load()
-	res, err := v.Verify(ctx, idptest.Mint(t, k2, map[string]any{"iss": idp.URL(), "aud": "a", "exp": time.Now().Unix() + 60}), []string{"idp"})
+	res, err := v.Verify(ctx, idptest.Mint(t, k2, map[string]any{"iss": idp.URL(), "aud": "a", "exp": time.Now().Unix() + 60}), Policy{Issuers: []string{"idp"}})
 	if err != nil || res.Issuer.Name() != "idp" {
 		t.Fatalf("verify after background refresh: %v", err)
 	}

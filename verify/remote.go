@@ -63,7 +63,7 @@ type remoteKeys struct {
 	fetches atomic.Int64
 
 	mu            sync.Mutex
-	discovered    string    // jwks_uri from discovery
+	doc           *discoveryDoc // from discovery; nil until read, and after the jwks_uri failed
 	lastFailAt    time.Time // when the last fetch failed
 	lastFailErr   error
 	lastRefetchAt time.Time // last unknown-kid refetch
@@ -196,26 +196,18 @@ func (r *remoteKeys) run(ctx context.Context) {
 func (r *remoteKeys) fetch(ctx context.Context) (*keySet, error) {
 	uri := r.jwksURI
 	if r.discovery {
-		r.mu.Lock()
-		uri = r.discovered
-		r.mu.Unlock()
-		if uri == "" {
-			doc, err := r.discover(ctx)
-			if err != nil {
-				return nil, err
-			}
-			uri = doc.JWKSURI
-			r.mu.Lock()
-			r.discovered = uri
-			r.mu.Unlock()
+		doc, err := r.discoverOnce(ctx)
+		if err != nil {
+			return nil, err
 		}
+		uri = doc.JWKSURI
 	}
 	body, hdr, err := r.get(ctx, uri)
 	if err != nil {
 		if r.discovery {
 			// The jwks_uri may have moved: discover again next time.
 			r.mu.Lock()
-			r.discovered = ""
+			r.doc = nil
 			r.mu.Unlock()
 		}
 		return nil, err
@@ -228,6 +220,50 @@ func (r *remoteKeys) fetch(ctx context.Context) (*keySet, error) {
 	ks.fetchedAt = now
 	ks.refreshAt = now.Add(r.refreshAfter(hdr))
 	return ks, nil
+}
+
+// discoverOnce returns the held discovery document or reads it.
+func (r *remoteKeys) discoverOnce(ctx context.Context) (*discoveryDoc, error) {
+	r.mu.Lock()
+	doc := r.doc
+	r.mu.Unlock()
+	if doc != nil {
+		return doc, nil
+	}
+	doc, err := r.discover(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	r.doc = doc
+	r.mu.Unlock()
+	return doc, nil
+}
+
+// metadata returns the issuer's discovery document for the introspection
+// and userinfo endpoints, reading it (once for all concurrent callers) if
+// none is held.
+func (r *remoteKeys) metadata(ctx context.Context) (*discoveryDoc, error) {
+	r.mu.Lock()
+	doc := r.doc
+	r.mu.Unlock()
+	if doc != nil {
+		return doc, nil
+	}
+	ch := r.flights.DoChan("discover", func() (any, error) {
+		fctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
+		defer cancel()
+		return r.discoverOnce(fctx)
+	})
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*discoveryDoc), nil
+	}
 }
 
 // discoveryDoc is the part of an OIDC provider metadata document used here.
@@ -274,18 +310,30 @@ func (r *remoteKeys) get(ctx context.Context, uri string) ([]byte, http.Header, 
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 4<<10))
+		drain(resp)
 		return nil, nil, fmt.Errorf("%s: HTTP %d", uri, resp.StatusCode)
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, r.cfg.MaxResponseBytes+1))
+	body, err := readLimited(resp, r.cfg.MaxResponseBytes)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", uri, err)
 	}
-	if int64(len(body)) > r.cfg.MaxResponseBytes {
-		return nil, nil, fmt.Errorf("%s: %w (limit %d bytes)", uri, errTooLarge, r.cfg.MaxResponseBytes)
-	}
 	return body, resp.Header, nil
 }
+
+// readLimited reads a response body of at most limit bytes.
+func readLimited(resp *http.Response, limit int64) ([]byte, error) {
+	body, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(body)) > limit {
+		return nil, fmt.Errorf("%w (limit %d bytes)", errTooLarge, limit)
+	}
+	return body, nil
+}
+
+// drain reads a little of an unwanted body so the connection can be reused.
+func drain(resp *http.Response) { _, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 4<<10)) }
 
 // refreshAfter honours Cache-Control max-age within the configured bounds.
 func (r *remoteKeys) refreshAfter(h http.Header) time.Duration {

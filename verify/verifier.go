@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/tokenauthz/tokenauthz/cache"
 )
 
 // Options are the dependencies of a Verifier. Zero values take defaults.
@@ -19,14 +21,18 @@ type Options struct {
 	Logger     *slog.Logger
 	// Now is the clock, for tests.
 	Now func() time.Time
+	// CacheMaxBytes bounds the memory held by cached introspection and
+	// userinfo answers. Default cache.DefaultMaxBytes.
+	CacheMaxBytes uint64
 }
 
 // Verifier verifies JWTs for a fixed set of issuers. It is safe for
 // concurrent use.
 type Verifier struct {
-	byIss  map[string]*Issuer
-	byName map[string]*Issuer
-	now    func() time.Time
+	byIss   map[string]*Issuer
+	byName  map[string]*Issuer
+	now     func() time.Time
+	answers *answers
 }
 
 // Issuer is one configured issuer with its key source.
@@ -38,6 +44,9 @@ type Issuer struct {
 	auds    map[string]struct{}
 	hmacKey *verifyKey
 	src     keySource // nil when the issuer only has an HMAC secret
+
+	introspection *introspector   // nil unless configured
+	userinfo      *userinfoClient // nil unless configured
 }
 
 // Name is the configured issuer name.
@@ -52,7 +61,8 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	v := &Verifier{byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now}
+	v := &Verifier{byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
+		answers: cache.New(cache.Options{MaxBytes: o.CacheMaxBytes, Now: o.Now}, answerSize)}
 	for idx := range cfgs {
 		c := cfgs[idx]
 		if p := c.Validate(); len(p) > 0 {
@@ -109,6 +119,20 @@ func newIssuer(c IssuerConfig, o Options) (*Issuer, error) {
 		}
 		is.src = staticKeys{set: ks}
 	}
+	if in := c.Introspection; in != nil {
+		secret, err := readSecret(in.ClientSecretFile, in.ClientSecretEnv)
+		if err != nil {
+			return nil, fmt.Errorf("introspection client secret: %w", err)
+		}
+		is.introspection = &introspector{cfg: in, secret: string(secret),
+			endpoint: newEndpoint("introspection", is, in.Endpoint, func(d *discoveryDoc) string { return d.IntrospectionEndpoint },
+				o.HTTPClient, in.Timeout, in.MaxResponseBytes, in.CacheTTL, in.NegativeCacheTTL)}
+	}
+	if ui := c.Userinfo; ui != nil {
+		is.userinfo = &userinfoClient{cfg: ui,
+			endpoint: newEndpoint("userinfo", is, ui.Endpoint, func(d *discoveryDoc) string { return d.UserinfoEndpoint },
+				o.HTTPClient, ui.Timeout, ui.MaxResponseBytes, ui.CacheTTL, ui.NegativeCacheTTL)}
+	}
 	return is, nil
 }
 
@@ -144,13 +168,91 @@ type Result struct {
 	Claims Claims
 	// Expiry is the token's exp, zero if it has none.
 	Expiry time.Time
+	// Kind is KindJWT or KindOpaque.
+	Kind string
 }
 
-// Verify checks a compact JWS. allowed lists the issuer names the caller
-// accepts; the token's unverified iss picks the issuer before any key work,
-// so an unknown or unaccepted issuer costs no signature check. Errors are
-// *Error.
-func (v *Verifier) Verify(ctx context.Context, raw string, allowed []string) (*Result, error) {
+// Token kinds, for Result.Kind.
+const (
+	KindJWT    = "jwt"
+	KindOpaque = "opaque"
+)
+
+// Introspect says when a route asks the introspection endpoint.
+type Introspect int
+
+const (
+	// IntrospectOpaque: opaque tokens are introspected, JWTs verified
+	// locally only. The default.
+	IntrospectOpaque Introspect = iota
+	// IntrospectAlways: JWTs are verified locally and then confirmed active
+	// by introspection, so a revoked JWT is refused before its exp.
+	IntrospectAlways
+	// IntrospectNever: only JWTs are accepted.
+	IntrospectNever
+)
+
+// Policy is what a route asks of a token.
+type Policy struct {
+	// Issuers are the names of the issuers accepted.
+	Issuers []string
+	// Introspect says when to ask the introspection endpoint.
+	Introspect Introspect
+	// Userinfo adds the userinfo endpoint's claims under the claim
+	// "userinfo" (e.g. userinfo.email).
+	Userinfo bool
+}
+
+// Verify checks a bearer token for a route. A compact JWS is verified
+// locally: its unverified iss picks the issuer before any key work, so an
+// unknown or unaccepted issuer costs no signature check. Any other token is
+// opaque and goes to the introspection endpoints of the accepted issuers.
+// Errors are *Error.
+func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, error) {
+	var (
+		res *Result
+		err error
+		tk  tokenKey
+	)
+	if LooksLikeJWT(raw) {
+		if res, err = v.verifyJWT(ctx, raw, p.Issuers); err != nil {
+			return nil, err
+		}
+		if p.Introspect == IntrospectAlways {
+			if res.Issuer.introspection == nil {
+				// Config validation prevents this; fail closed regardless.
+				return nil, unavailable("issuer "+res.Issuer.name+" has no introspection endpoint", nil)
+			}
+			tk = hashToken(raw)
+			a, err := v.introspect(ctx, res.Issuer, raw, tk)
+			if err != nil {
+				return nil, err
+			}
+			if !a.ok {
+				return nil, invalid("inactive", "token is not active (revoked or expired at the issuer)")
+			}
+		}
+	} else {
+		if p.Introspect == IntrospectNever {
+			return nil, invalid("malformed", "token is not a JWT")
+		}
+		tk = hashToken(raw)
+		if res, err = v.introspectOpaque(ctx, raw, tk, p.Issuers); err != nil {
+			return nil, err
+		}
+	}
+	if ui := res.Issuer.userinfo; ui != nil && (p.Userinfo || ui.cfg.EveryRoute) {
+		if tk == "" {
+			tk = hashToken(raw)
+		}
+		if err := v.enrich(ctx, res, raw, tk); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) (*Result, error) {
 	t, err := parseJWT(raw)
 	if err != nil {
 		return nil, err
@@ -169,11 +271,78 @@ func (v *Verifier) Verify(ctx context.Context, raw string, allowed []string) (*R
 	if err := is.verifySignature(ctx, t); err != nil {
 		return nil, err
 	}
-	exp, err := is.checkClaims(t.claims, v.now())
+	exp, err := is.checkClaims(t.claims, v.now(), false)
 	if err != nil {
 		return nil, err
 	}
-	return &Result{Issuer: is, Claims: t.claims, Expiry: exp}, nil
+	return &Result{Issuer: is, Claims: t.claims, Expiry: exp, Kind: KindJWT}, nil
+}
+
+// introspectOpaque asks the accepted issuers that have an introspection
+// endpoint, in configuration order, until one says active. An opaque token
+// names no issuer, so with several such issuers it is shown to each in turn:
+// restrict a route's issuers to keep a token with its own provider.
+func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey, allowed []string) (*Result, error) {
+	var failed *Error
+	asked := false
+	for _, name := range allowed {
+		is := v.byName[name]
+		if is == nil || is.introspection == nil {
+			continue
+		}
+		asked = true
+		a, err := v.introspect(ctx, is, raw, tk)
+		if err != nil {
+			// Another issuer may still say active; if none does, this
+			// failure means no decision was possible.
+			if failed == nil {
+				failed = AsError(err)
+			}
+			continue
+		}
+		if !a.ok {
+			continue
+		}
+		if iss, present := a.claims["iss"]; present && iss != is.cfg.Issuer {
+			return nil, invalid("unknown_issuer", "introspected token issuer does not match")
+		}
+		exp, err := is.checkClaims(a.claims, v.now(), true)
+		if err != nil {
+			return nil, err
+		}
+		return &Result{Issuer: is, Claims: a.claims, Expiry: exp, Kind: KindOpaque}, nil
+	}
+	switch {
+	case failed != nil:
+		return nil, failed
+	case !asked:
+		return nil, invalid("malformed", "token is not a JWT")
+	}
+	return nil, invalid("inactive", "token is not active")
+}
+
+// enrich adds the userinfo endpoint's claims under "userinfo". The result's
+// claims are copied first: introspection answers are shared by the cache.
+func (v *Verifier) enrich(ctx context.Context, res *Result, raw string, tk tokenKey) error {
+	a, err := v.userinfo(ctx, res.Issuer, raw, tk, res.Expiry)
+	if err != nil {
+		return err
+	}
+	if !a.ok {
+		return invalid("inactive", "the issuer's userinfo endpoint does not accept the token")
+	}
+	// OIDC Core §5.3.2: a userinfo response whose sub differs from the
+	// token's must not be used.
+	if sub, ok := res.Claims["sub"]; ok && a.claims["sub"] != sub {
+		return invalid("userinfo_mismatch", "userinfo does not belong to the token's subject")
+	}
+	c := make(Claims, len(res.Claims)+1)
+	for k, val := range res.Claims {
+		c[k] = val
+	}
+	c["userinfo"] = map[string]any(a.claims)
+	res.Claims = c
+	return nil
 }
 
 func (is *Issuer) verifySignature(ctx context.Context, t *jwt) error {
@@ -222,8 +391,12 @@ func (is *Issuer) verifySignature(ctx context.Context, t *jwt) error {
 	return invalid("bad_signature", "token signature is invalid")
 }
 
-func (is *Issuer) checkClaims(c Claims, now time.Time) (time.Time, error) {
-	if !is.cfg.AllowAnyAudience {
+// checkClaims applies the issuer's claim rules. For an introspection answer
+// (introspected), aud and exp are checked when present: RFC 7662 makes them
+// optional, and the provider's active: true already vouches for the token.
+func (is *Issuer) checkClaims(c Claims, now time.Time, introspected bool) (time.Time, error) {
+	_, hasAud := c["aud"]
+	if !is.cfg.AllowAnyAudience && (hasAud || !introspected) {
 		if !is.audienceOK(c["aud"]) {
 			return time.Time{}, invalid("wrong_audience", "token audience is not accepted")
 		}
@@ -232,7 +405,7 @@ func (is *Issuer) checkClaims(c Claims, now time.Time) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, err
 	}
-	if !hasExp && !is.cfg.AllowMissingExp {
+	if !hasExp && !is.cfg.AllowMissingExp && !introspected {
 		return time.Time{}, invalid("malformed", "token has no exp")
 	}
 	if hasExp && !now.Before(exp.Add(is.leeway)) {

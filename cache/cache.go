@@ -1,0 +1,152 @@
+// Package cache stores what identity providers said about tokens and keys,
+// so that a token checked once is not sent to the provider again while its
+// answer holds. It owns the in-process tier: bounded by bytes, each entry
+// with its own lifetime, concurrent misses of one key coalesced into one
+// load. Keys are built by callers from hashes; this package never sees a raw
+// token and never decides anything.
+package cache
+
+import (
+	"context"
+	"math"
+	"sync/atomic"
+	"time"
+
+	"github.com/maypok86/otter/v2"
+	"golang.org/x/sync/singleflight"
+)
+
+// DefaultMaxBytes bounds a cache whose Options leave MaxBytes unset.
+const DefaultMaxBytes = 64 << 20
+
+// entryOverhead is added to every entry's size: the key, the map slot and
+// the eviction policy's bookkeeping. It also bounds the entry count, since a
+// flood of tiny entries still weighs this much each.
+const entryOverhead = 256
+
+// Options configure a Cache. Zero values take defaults.
+type Options struct {
+	// MaxBytes bounds the approximate memory held. Default DefaultMaxBytes.
+	MaxBytes uint64
+	// Now is the clock that decides expiry, for tests. Default time.Now.
+	Now func() time.Time
+}
+
+// Loader produces the value for a missing key and says how long it may be
+// kept; a ttl of zero or less returns the value without keeping it. An error
+// is never cached.
+type Loader[V any] func(ctx context.Context) (v V, ttl time.Duration, err error)
+
+// Cache is a bounded in-process cache. It is safe for concurrent use.
+//
+// Eviction is otter's W-TinyLFU, so a flood of one-off keys (distinct bad
+// tokens) does not push out entries that are read often. Expiry is decided
+// here against Options.Now; otter's own timer only reclaims the memory.
+type Cache[V any] struct {
+	mem     *otter.Cache[string, item[V]]
+	flights singleflight.Group
+	now     func() time.Time
+	size    func(V) int
+
+	hits, misses, loads atomic.Int64
+}
+
+type item[V any] struct {
+	v       V
+	expires time.Time
+	ttl     time.Duration
+}
+
+// New builds a cache; size reports the approximate bytes a value holds.
+func New[V any](o Options, size func(V) int) *Cache[V] {
+	if o.MaxBytes == 0 {
+		o.MaxBytes = DefaultMaxBytes
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	c := &Cache[V]{now: o.Now, size: size}
+	c.mem = otter.Must(&otter.Options[string, item[V]]{
+		MaximumWeight: o.MaxBytes,
+		Weigher: func(k string, it item[V]) uint32 {
+			return uint32(min(len(k)+c.size(it.v)+entryOverhead, math.MaxUint32))
+		},
+		ExpiryCalculator: otter.ExpiryWritingFunc(func(e otter.Entry[string, item[V]]) time.Duration {
+			return e.Value.ttl
+		}),
+	})
+	return c
+}
+
+// Peek returns the live value under key, without loading.
+func (c *Cache[V]) Peek(key string) (V, bool) {
+	it, ok := c.mem.GetIfPresent(key)
+	if ok && c.now().Before(it.expires) {
+		return it.v, true
+	}
+	var zero V
+	return zero, false
+}
+
+// Set keeps v under key for ttl (nothing is kept for ttl <= 0).
+func (c *Cache[V]) Set(key string, v V, ttl time.Duration) {
+	if ttl <= 0 {
+		c.mem.Invalidate(key)
+		return
+	}
+	c.mem.Set(key, item[V]{v: v, expires: c.now().Add(ttl), ttl: ttl})
+}
+
+// Delete drops key.
+func (c *Cache[V]) Delete(key string) { c.mem.Invalidate(key) }
+
+// Get returns the live value under key, or loads it. Concurrent Gets of a
+// missing key share one load; each waits with its own ctx, while the load
+// runs on a context that the first caller's cancellation does not end (the
+// loader bounds its own time). hit reports whether the value came from the
+// cache.
+func (c *Cache[V]) Get(ctx context.Context, key string, load Loader[V]) (v V, hit bool, err error) {
+	if v, ok := c.Peek(key); ok {
+		c.hits.Add(1)
+		return v, true, nil
+	}
+	c.misses.Add(1)
+	lctx := context.WithoutCancel(ctx)
+	ch := c.flights.DoChan(key, func() (any, error) {
+		// A load that finished between our Peek and this flight has
+		// already stored the value: do not load it twice.
+		if v, ok := c.Peek(key); ok {
+			return v, nil
+		}
+		c.loads.Add(1)
+		v, ttl, err := load(lctx)
+		if err != nil {
+			return nil, err
+		}
+		c.Set(key, v, ttl)
+		return v, nil
+	})
+	select {
+	case <-ctx.Done():
+		var zero V
+		return zero, false, ctx.Err()
+	case r := <-ch:
+		if r.Err != nil {
+			var zero V
+			return zero, false, r.Err
+		}
+		return r.Val.(V), false, nil
+	}
+}
+
+// Stats are counters since the cache was built.
+type Stats struct {
+	Hits, Misses, Loads int64
+	// Entries is otter's estimate of the entries held.
+	Entries int
+}
+
+// Stats reports hits, misses, loads and the entries held.
+func (c *Cache[V]) Stats() Stats {
+	return Stats{Hits: c.hits.Load(), Misses: c.misses.Load(), Loads: c.loads.Load(), Entries: c.mem.EstimatedSize()}
+}

@@ -1,0 +1,298 @@
+package verify
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"mime"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/tokenauthz/tokenauthz/cache"
+)
+
+const (
+	authBasic = "client_secret_basic"
+	authPost  = "client_secret_post"
+)
+
+// providerAnswer is what an introspection or userinfo endpoint said about a
+// token: the only thing cached, so that route checks (scopes, claim values)
+// still run on every request against it.
+type providerAnswer struct {
+	// ok: introspection said active: true, or userinfo answered 200.
+	ok     bool
+	claims Claims
+	exp    time.Time // from the claims; zero if none
+	size   int       // bytes of the response, for the cache bound
+}
+
+func answerSize(a *providerAnswer) int { return a.size }
+
+// tokenKey is the hex SHA-256 of a token: what cache keys are built from, so
+// that a raw token is never stored or logged.
+type tokenKey string
+
+func hashToken(raw string) tokenKey {
+	sum := sha256.Sum256([]byte(raw))
+	return tokenKey(hex.EncodeToString(sum[:]))
+}
+
+// endpoint is one introspection or userinfo endpoint of an issuer. The URL
+// is fixed by config or read from discovery, never taken from a token.
+type endpoint struct {
+	kind     string // "introspection" or "userinfo", for messages
+	issuer   *Issuer
+	fixedURL string
+	fromDoc  func(*discoveryDoc) string
+	client   *http.Client
+	maxBytes int64
+	ttl      time.Duration
+	negTTL   time.Duration
+}
+
+func newEndpoint(kind string, is *Issuer, fixedURL string, fromDoc func(*discoveryDoc) string,
+	base *http.Client, timeout time.Duration, maxBytes int64, ttl, negTTL *time.Duration) *endpoint {
+	if timeout <= 0 {
+		timeout = defaultEndpointTimeout
+	}
+	if maxBytes <= 0 {
+		maxBytes = defaultEndpointMaxBytes
+	}
+	c := &http.Client{Timeout: timeout}
+	if base != nil {
+		c.Transport = base.Transport
+	}
+	// No redirects at all: the request carries the token (and for
+	// introspection our client secret), which must go only where the config
+	// says.
+	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	return &endpoint{kind: kind, issuer: is, fixedURL: fixedURL, fromDoc: fromDoc, client: c, maxBytes: maxBytes,
+		ttl: durOr(ttl, defaultCacheTTL), negTTL: durOr(negTTL, defaultNegativeCacheTTL)}
+}
+
+// url returns the endpoint's URL, from config or the discovery document.
+func (e *endpoint) url(ctx context.Context, allowHTTP bool) (string, error) {
+	if e.fixedURL != "" {
+		return e.fixedURL, nil
+	}
+	rk, ok := e.issuer.src.(*remoteKeys)
+	if !ok || !rk.discovery {
+		return "", fmt.Errorf("no %s endpoint configured", e.kind)
+	}
+	doc, err := rk.metadata(ctx)
+	if err != nil {
+		return "", fmt.Errorf("discovery: %w", err)
+	}
+	u := e.fromDoc(doc)
+	if u == "" {
+		return "", fmt.Errorf("the discovery document names no %s endpoint", e.kind)
+	}
+	if err := checkFetchURL(u, allowHTTP); err != nil {
+		return "", fmt.Errorf("discovery's %s endpoint: %w", e.kind, err)
+	}
+	return u, nil
+}
+
+// cacheTTL is how long an answer may be reused: positive answers until
+// min(exp, ttl), with exp the token's expiry (zero if unknown), negative
+// ones for negTTL.
+func (e *endpoint) cacheTTL(a *providerAnswer, exp, now time.Time) time.Duration {
+	if !a.ok {
+		return e.negTTL
+	}
+	ttl := e.ttl
+	if !exp.IsZero() {
+		ttl = min(ttl, exp.Sub(now))
+	}
+	return ttl
+}
+
+func (e *endpoint) fail(err error) *Error {
+	ve := unavailable(e.kind+" at issuer "+e.issuer.name+" failed", err)
+	ve.Issuer = e.issuer.name
+	return ve
+}
+
+// introspector calls an RFC 7662 endpoint.
+type introspector struct {
+	*endpoint
+	cfg    *IntrospectionConfig
+	secret string
+}
+
+func (in *introspector) introspect(ctx context.Context, raw string) (*providerAnswer, error) {
+	u, err := in.url(ctx, in.cfg.AllowHTTP)
+	if err != nil {
+		return nil, in.fail(err)
+	}
+	form := url.Values{"token": {raw}, "token_type_hint": {"access_token"}}
+	if in.cfg.AuthMethod == authPost {
+		form.Set("client_id", in.cfg.ClientID)
+		form.Set("client_secret", in.secret)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, strings.NewReader(form.Encode()))
+	if err != nil {
+		return nil, in.fail(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	if in.cfg.AuthMethod != authPost {
+		// RFC 6749 §2.3.1: both parts form-encoded before Basic encoding.
+		req.SetBasicAuth(url.QueryEscape(in.cfg.ClientID), url.QueryEscape(in.secret))
+	}
+	body, status, _, err := in.do(req)
+	if err != nil {
+		return nil, in.fail(err)
+	}
+	switch {
+	case status == http.StatusUnauthorized || status == http.StatusForbidden:
+		return nil, in.fail(fmt.Errorf("%s: HTTP %d: the endpoint refused our client credentials (check client_id, the secret and auth_method)", u, status))
+	case status != http.StatusOK:
+		return nil, in.fail(fmt.Errorf("%s: HTTP %d", u, status))
+	}
+	claims, err := decodeObject(body)
+	if err != nil {
+		return nil, in.fail(fmt.Errorf("%s: response is not a JSON object: %w", u, err))
+	}
+	active, isBool := claims["active"].(bool)
+	if !isBool {
+		// RFC 7662 §2.2: active is a required boolean. Anything else is a
+		// broken provider, not a verdict on the token.
+		return nil, in.fail(fmt.Errorf("%s: response has no boolean active member", u))
+	}
+	a := &providerAnswer{ok: active, size: len(body)}
+	if active {
+		delete(claims, "active")
+		a.claims = claims
+		if exp, ok, err := numericDate(claims, "exp"); err == nil && ok {
+			a.exp = exp
+		}
+	}
+	return a, nil
+}
+
+// userinfoClient calls an OIDC userinfo endpoint with the token.
+type userinfoClient struct {
+	*endpoint
+	cfg *UserinfoConfig
+}
+
+func (ui *userinfoClient) fetch(ctx context.Context, raw string) (*providerAnswer, error) {
+	u, err := ui.url(ctx, ui.cfg.AllowHTTP)
+	if err != nil {
+		return nil, ui.fail(err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, ui.fail(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+raw)
+	req.Header.Set("Accept", "application/json")
+	body, status, ctype, err := ui.do(req)
+	if err != nil {
+		return nil, ui.fail(err)
+	}
+	switch {
+	case status == http.StatusUnauthorized:
+		// The provider does not accept the token (revoked, or lacking the
+		// openid scope): a verdict, cached briefly like an inactive token.
+		return &providerAnswer{ok: false, size: len(body)}, nil
+	case status != http.StatusOK:
+		return nil, ui.fail(fmt.Errorf("%s: HTTP %d", u, status))
+	}
+	if mt, _, _ := mime.ParseMediaType(ctype); mt == "application/jwt" {
+		return nil, ui.fail(fmt.Errorf("%s: signed or encrypted userinfo responses are not supported", u))
+	}
+	claims, err := decodeObject(body)
+	if err != nil {
+		return nil, ui.fail(fmt.Errorf("%s: response is not a JSON object: %w", u, err))
+	}
+	return &providerAnswer{ok: true, claims: claims, size: len(body)}, nil
+}
+
+// do sends req and reads a bounded body.
+func (e *endpoint) do(req *http.Request) (body []byte, status int, ctype string, err error) {
+	resp, err := e.client.Do(req)
+	if err != nil {
+		// url.Error names the method and URL and the cause; the token is in
+		// the body or a header, never in the URL.
+		return nil, 0, "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		drain(resp)
+		return nil, resp.StatusCode, "", nil
+	}
+	body, err = readLimited(resp, e.maxBytes)
+	if err != nil {
+		return nil, 0, "", fmt.Errorf("%s: %w", req.URL.Redacted(), err)
+	}
+	return body, resp.StatusCode, resp.Header.Get("Content-Type"), nil
+}
+
+// decodeObject decodes a JSON object with the token payload's rules: no
+// duplicate keys, bounded nesting, numbers kept exact.
+func decodeObject(b []byte) (Claims, error) {
+	if err := checkJSON(b); err != nil {
+		return nil, err
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	var c Claims
+	if err := dec.Decode(&c); err != nil {
+		return nil, err
+	}
+	if c == nil {
+		return nil, errors.New("null")
+	}
+	return c, nil
+}
+
+// answers caches introspection and userinfo answers for all issuers of a
+// Verifier, keyed by kind, issuer name and token hash.
+type answers = cache.Cache[*providerAnswer]
+
+func answerKey(kind string, is *Issuer, tk tokenKey) string {
+	return kind + ":" + is.name + ":" + string(tk)
+}
+
+// introspect asks (or recalls) the issuer's introspection endpoint about a
+// token.
+func (v *Verifier) introspect(ctx context.Context, is *Issuer, raw string, tk tokenKey) (*providerAnswer, error) {
+	in := is.introspection
+	a, _, err := v.answers.Get(ctx, answerKey("introspection", is, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
+		a, err := in.introspect(ctx, raw)
+		if err != nil {
+			return nil, 0, err
+		}
+		return a, in.cacheTTL(a, a.exp, v.now()), nil
+	})
+	if err != nil {
+		return nil, AsError(err)
+	}
+	return a, nil
+}
+
+// userinfo asks (or recalls) the issuer's userinfo endpoint about a token
+// that expires at exp.
+func (v *Verifier) userinfo(ctx context.Context, is *Issuer, raw string, tk tokenKey, exp time.Time) (*providerAnswer, error) {
+	ui := is.userinfo
+	a, _, err := v.answers.Get(ctx, answerKey("userinfo", is, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
+		a, err := ui.fetch(ctx, raw)
+		if err != nil {
+			return nil, 0, err
+		}
+		return a, ui.cacheTTL(a, exp, v.now()), nil
+	})
+	if err != nil {
+		return nil, AsError(err)
+	}
+	return a, nil
+}
