@@ -64,7 +64,7 @@ type remoteKeys struct {
 
 	mu            sync.Mutex
 	doc           *discoveryDoc // from discovery; nil until read, and after the jwks_uri failed
-	lastFailAt    time.Time // when the last fetch failed
+	lastFailAt    time.Time     // when the last fetch failed
 	lastFailErr   error
 	lastRefetchAt time.Time // last unknown-kid refetch
 }
