@@ -24,6 +24,22 @@ const DefaultMaxBytes = 64 << 20
 // flood of tiny entries still weighs this much each.
 const entryOverhead = 256
 
+// Config is the cache section of the configuration file.
+type Config struct {
+	// MaxBytes bounds the in-process memory held by cached introspection and
+	// userinfo answers. Default 64 MiB.
+	MaxBytes uint64 `yaml:"max_bytes"`
+}
+
+// Validate returns every problem in c, each naming its key.
+func (c *Config) Validate() []string {
+	var p []string
+	if c.MaxBytes != 0 && c.MaxBytes < 64<<10 {
+		p = append(p, "cache.max_bytes: at least 65536")
+	}
+	return p
+}
+
 // Options configure a Cache. Zero values take defaults.
 type Options struct {
 	// MaxBytes bounds the approximate memory held. Default DefaultMaxBytes.

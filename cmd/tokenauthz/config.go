@@ -12,6 +12,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/deploy"
 )
 
@@ -19,6 +20,7 @@ import (
 // plus the decision policy (authz.Config) at the top level.
 type fileConfig struct {
 	Server       serverConfig `yaml:"server"`
+	Cache        cache.Config `yaml:"cache"`
 	authz.Config `yaml:",inline"`
 }
 
@@ -115,6 +117,7 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	}
 	cfg.Server.applyDefaults()
 	problems = append(problems, cfg.Config.Validate()...)
+	problems = append(problems, cfg.Cache.Validate()...)
 	switch cfg.Server.LogFormat {
 	case "json", "text":
 	default:

@@ -175,3 +175,27 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestReadmeConfigExampleDecodes keeps the README's full example honest: it
+// must decode strictly (no unknown or misspelled keys) and fail validation
+// only for the files it names that this machine lacks.
+func TestReadmeConfigExampleDecodes(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(readme), "A full example:\n\n```yaml\n")
+	if !ok {
+		t.Fatal("README has no full config example")
+	}
+	example, _, _ := strings.Cut(rest, "```")
+	_, err = parseConfig([]byte(example), "README example")
+	if err == nil {
+		return
+	}
+	for _, p := range err.(*configError).problems {
+		if !strings.Contains(p, "no such file") {
+			t.Errorf("README example: %s", p)
+		}
+	}
+}

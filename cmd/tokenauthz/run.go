@@ -30,7 +30,7 @@ const (
 // run serves until ctx ends, then shuts down in order: not ready, drain,
 // stop. httpLis may be nil.
 func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, log *slog.Logger) error {
-	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log})
+	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log, CacheMaxBytes: cfg.Cache.MaxBytes})
 	if err != nil {
 		return err
 	}
