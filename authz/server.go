@@ -13,6 +13,7 @@ import (
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 
+	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/verify"
 )
 
@@ -26,9 +27,19 @@ type TokenVerifier interface {
 // concurrent use; Swap replaces its policy atomically.
 type Server struct {
 	authv3.UnimplementedAuthorizationServer
-	state atomic.Pointer[state]
-	log   *slog.Logger
+	state    atomic.Pointer[state]
+	log      *slog.Logger
+	denylist Denylist
 }
+
+// Denylist answers whether a verified token has been revoked (by token,
+// jti or subject) before its exp.
+type Denylist interface {
+	Revoked(cache.Token) (kind string, revoked bool)
+}
+
+// UseDenylist makes every allow consult d. Call it before serving.
+func (s *Server) UseDenylist(d Denylist) { s.denylist = d }
 
 type state struct {
 	pol *policy
@@ -132,6 +143,18 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 		}
 		d.route = r
 		return d, token
+	}
+	if s.denylist != nil {
+		iat, _ := res.Claims.Time("iat")
+		kind, revoked := s.denylist.Revoked(cache.Token{
+			TokenHash: func() string { return cache.Hash(token) },
+			Issuer:    res.Issuer.ID(), JTI: res.Claims.String("jti"), Sub: res.Claims.String("sub"), IAT: iat,
+		})
+		if revoked {
+			d := denyInvalid("revoked_"+kind, "token has been revoked")
+			d.route, d.result = r, res
+			return d, token
+		}
 	}
 	if missing := r.missingScopes(res.Claims); len(missing) > 0 {
 		d := denyForbidden("insufficient_scope", "the token lacks a required scope", strings.Join(r.scopes, " "))

@@ -29,6 +29,9 @@ type Config struct {
 	// MaxBytes bounds the in-process memory held by cached introspection and
 	// userinfo answers. Default 64 MiB.
 	MaxBytes uint64 `yaml:"max_bytes"`
+	// Redis, when set, shares key sets, answers and revocations across the
+	// fleet.
+	Redis *RedisConfig `yaml:"redis"`
 }
 
 // Validate returns every problem in c, each naming its key.
@@ -36,6 +39,9 @@ func (c *Config) Validate() []string {
 	var p []string
 	if c.MaxBytes != 0 && c.MaxBytes < 64<<10 {
 		p = append(p, "cache.max_bytes: at least 65536")
+	}
+	if c.Redis != nil {
+		p = append(p, c.Redis.validate()...)
 	}
 	return p
 }
@@ -63,6 +69,11 @@ type Cache[V any] struct {
 	flights singleflight.Group
 	now     func() time.Time
 	size    func(V) int
+
+	// The shared tier, when set by Share.
+	shared *Shared
+	ns     string
+	codec  Codec[V]
 
 	hits, misses, loads atomic.Int64
 }
@@ -116,23 +127,60 @@ func (c *Cache[V]) Set(key string, v V, ttl time.Duration) {
 // Delete drops key.
 func (c *Cache[V]) Delete(key string) { c.mem.Invalidate(key) }
 
-// Get returns the live value under key, or loads it. Concurrent Gets of a
-// missing key share one load; each waits with its own ctx, while the load
-// runs on a context that the first caller's cancellation does not end (the
-// loader bounds its own time). hit reports whether the value came from the
-// cache.
-func (c *Cache[V]) Get(ctx context.Context, key string, load Loader[V]) (v V, hit bool, err error) {
+// Codec turns values into shared-tier payloads and back.
+type Codec[V any] struct {
+	Encode func(V) ([]byte, error)
+	Decode func([]byte) (V, error)
+}
+
+// Share puts the Redis tier behind c: a miss in memory reads Redis before
+// loading, one pod of the fleet loads while the others wait for its result,
+// and what is loaded is written to both tiers. ns prefixes c's keys in
+// Redis. Call it before c is used.
+func (c *Cache[V]) Share(s *Shared, ns string, codec Codec[V]) {
+	c.shared, c.ns, c.codec = s, ns, codec
+}
+
+// Get returns the live value under key, or loads it: memory, then Redis
+// (when shared), then load. Concurrent Gets of a missing key share one load;
+// each waits with its own ctx, while the load runs on a context that the
+// first caller's cancellation does not end (the loader bounds its own time).
+// src says which tier answered.
+func (c *Cache[V]) Get(ctx context.Context, key string, load Loader[V]) (v V, src Source, err error) {
 	if v, ok := c.Peek(key); ok {
 		c.hits.Add(1)
-		return v, true, nil
+		return v, FromMemory, nil
 	}
 	c.misses.Add(1)
 	lctx := context.WithoutCancel(ctx)
+	type result struct {
+		v   V
+		src Source
+	}
 	ch := c.flights.DoChan(key, func() (any, error) {
 		// A load that finished between our Peek and this flight has
 		// already stored the value: do not load it twice.
 		if v, ok := c.Peek(key); ok {
-			return v, nil
+			return result{v, FromMemory}, nil
+		}
+		if c.shared != nil {
+			rkey := c.shared.Key(c.ns + key)
+			if v, ok := c.fromShared(c.shared.Get(lctx, rkey)); ok {
+				c.Set(key, v.v, v.ttl)
+				return result{v.v, FromRedis}, nil
+			}
+			unlock, acquired := c.shared.TryLock(lctx, c.ns+key)
+			if !acquired {
+				// Another pod is loading: wait for its result; a holder that
+				// died or failed costs this wait, then we load ourselves.
+				accept := func(p []byte, exp time.Time) bool { _, ok := c.fromShared(p, exp, true); return ok }
+				if v, ok := c.fromShared(c.shared.WaitFor(lctx, rkey, accept)); ok {
+					c.Set(key, v.v, v.ttl)
+					return result{v.v, FromRedis}, nil
+				}
+			} else {
+				defer unlock()
+			}
 		}
 		c.loads.Add(1)
 		v, ttl, err := load(lctx)
@@ -140,19 +188,44 @@ func (c *Cache[V]) Get(ctx context.Context, key string, load Loader[V]) (v V, hi
 			return nil, err
 		}
 		c.Set(key, v, ttl)
-		return v, nil
+		if c.shared != nil && ttl > 0 {
+			if p, err := c.codec.Encode(v); err == nil {
+				c.shared.Set(lctx, c.shared.Key(c.ns+key), p, c.now().Add(ttl))
+			}
+		}
+		return result{v, FromOrigin}, nil
 	})
 	select {
 	case <-ctx.Done():
 		var zero V
-		return zero, false, ctx.Err()
+		return zero, "", ctx.Err()
 	case r := <-ch:
 		if r.Err != nil {
 			var zero V
-			return zero, false, r.Err
+			return zero, "", r.Err
 		}
-		return r.Val.(V), false, nil
+		res := r.Val.(result)
+		return res.v, res.src, nil
 	}
+}
+
+type decoded[V any] struct {
+	v   V
+	ttl time.Duration
+}
+
+// fromShared decodes a Redis entry; ok is false for a miss or an entry that
+// does not decode (counted as rejected).
+func (c *Cache[V]) fromShared(p []byte, exp time.Time, ok bool) (decoded[V], bool) {
+	if !ok {
+		return decoded[V]{}, false
+	}
+	v, err := c.codec.Decode(p)
+	if err != nil {
+		c.shared.reject(c.ns, "payload does not decode: "+err.Error())
+		return decoded[V]{}, false
+	}
+	return decoded[V]{v: v, ttl: exp.Sub(c.now())}, true
 }
 
 // Stats are counters since the cache was built.

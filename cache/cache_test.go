@@ -78,7 +78,7 @@ func TestConcurrentMissesShareOneLoad(t *testing.T) {
 	if n := loads.Load(); n != 1 {
 		t.Fatalf("100 concurrent misses made %d loads, want 1", n)
 	}
-	if _, hit, _ := c.Get(context.Background(), "k", load); !hit {
+	if _, src, _ := c.Get(context.Background(), "k", load); src != cache.FromMemory {
 		t.Fatal("the loaded value was not kept")
 	}
 }

@@ -58,6 +58,13 @@ func (c Claims) Scopes() []string {
 	return out
 }
 
+// Time reads an RFC 7519 NumericDate claim (exp, nbf, iat); ok is false
+// when it is absent or not a valid date.
+func (c Claims) Time(name string) (time.Time, bool) {
+	t, ok, err := numericDate(c, name)
+	return t, ok && err == nil
+}
+
 // numericDate reads an RFC 7519 NumericDate. Only JSON numbers count: jwx and
 // others also take strings, which a signer never meant as a date. Values
 // outside 0..year 9999 are rejected rather than overflowing.

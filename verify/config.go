@@ -5,8 +5,9 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"strings"
 	"time"
+
+	"github.com/tokenauthz/tokenauthz/cache"
 )
 
 // IssuerConfig describes one trusted token issuer. Exactly one key source is
@@ -312,7 +313,7 @@ func (in *IntrospectionConfig) validate(discovery bool) []string {
 	case in.ClientSecretFile == "" && in.ClientSecretEnv == "":
 		p = append(p, "introspection.client_secret_file: required (or client_secret_env); secrets are never inline")
 	default:
-		if _, err := readSecret(in.ClientSecretFile, in.ClientSecretEnv); err != nil {
+		if _, err := cache.ReadSecret(in.ClientSecretFile, in.ClientSecretEnv); err != nil {
 			key := "introspection.client_secret_file"
 			if in.ClientSecretEnv != "" {
 				key = "introspection.client_secret_env"
@@ -354,35 +355,7 @@ func validateEndpoint(key, endpoint string, allowHTTP, discovery bool, timeout t
 }
 
 func (c *IssuerConfig) hmacSecret() ([]byte, error) {
-	return readSecret(c.HMACSecretFile, c.HMACSecretEnv)
-}
-
-// readSecret reads a secret from a file or an environment variable; nil
-// when neither is named.
-func readSecret(file, env string) ([]byte, error) {
-	var s []byte
-	switch {
-	case file != "":
-		b, err := os.ReadFile(file)
-		if err != nil {
-			return nil, err
-		}
-		// Files written by editors and kubectl often end in a newline that is
-		// not part of the secret.
-		s = []byte(strings.TrimRight(string(b), "\r\n"))
-	case env != "":
-		v, ok := os.LookupEnv(env)
-		if !ok {
-			return nil, fmt.Errorf("environment variable %s is not set", env)
-		}
-		s = []byte(v)
-	default:
-		return nil, nil
-	}
-	if len(s) == 0 {
-		return nil, fmt.Errorf("secret is empty")
-	}
-	return s, nil
+	return cache.ReadSecret(c.HMACSecretFile, c.HMACSecretEnv)
 }
 
 // checkFetchURL allows https anywhere and http only to loopback hosts (or

@@ -3,8 +3,6 @@ package verify
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,7 +12,10 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/tokenauthz/tokenauthz/cache"
+	"github.com/tokenauthz/tokenauthz/proto/cachev1"
 )
 
 const (
@@ -39,10 +40,7 @@ func answerSize(a *providerAnswer) int { return a.size }
 // that a raw token is never stored or logged.
 type tokenKey string
 
-func hashToken(raw string) tokenKey {
-	sum := sha256.Sum256([]byte(raw))
-	return tokenKey(hex.EncodeToString(sum[:]))
-}
+func hashToken(raw string) tokenKey { return tokenKey(cache.Hash(raw)) }
 
 // endpoint is one introspection or userinfo endpoint of an issuer. The URL
 // is fixed by config or read from discovery, never taken from a token.
@@ -253,6 +251,47 @@ func decodeObject(b []byte) (Claims, error) {
 		return nil, errors.New("null")
 	}
 	return c, nil
+}
+
+// answerCodec stores answers in Redis as cachev1.ProviderAnswer; what is
+// read back is checked like a fresh answer (strict JSON, then the issuer's
+// claim rules on every request).
+var answerCodec = cache.Codec[*providerAnswer]{
+	Encode: func(a *providerAnswer) ([]byte, error) {
+		pa := &cachev1.ProviderAnswer{Ok: a.ok}
+		if a.claims != nil {
+			b, err := json.Marshal(a.claims)
+			if err != nil {
+				return nil, err
+			}
+			pa.ClaimsJson = b
+		}
+		if !a.exp.IsZero() {
+			pa.ExpUnix = a.exp.Unix()
+		}
+		return proto.Marshal(pa)
+	},
+	Decode: func(b []byte) (*providerAnswer, error) {
+		var pa cachev1.ProviderAnswer
+		if err := proto.Unmarshal(b, &pa); err != nil {
+			return nil, err
+		}
+		a := &providerAnswer{ok: pa.GetOk(), size: len(b)}
+		if len(pa.GetClaimsJson()) > 0 {
+			c, err := decodeObject(pa.GetClaimsJson())
+			if err != nil {
+				return nil, err
+			}
+			a.claims = c
+		}
+		if pa.GetExpUnix() != 0 {
+			a.exp = time.Unix(pa.GetExpUnix(), 0)
+		}
+		if a.ok && a.claims == nil {
+			return nil, errors.New("positive answer without claims")
+		}
+		return a, nil
+	},
 }
 
 // answers caches introspection and userinfo answers for all issuers of a

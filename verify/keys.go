@@ -99,7 +99,8 @@ type keySet struct {
 	// refreshAt is when the set should be refreshed; it keeps serving until
 	// refreshAt+MaxStale if refreshes fail.
 	refreshAt time.Time
-	skipped   int // keys in the document that cannot verify (enc, weak, oct, …)
+	skipped   int    // keys in the document that cannot verify (enc, weak, oct, …)
+	doc       []byte // the JWKS document, shared with other pods through Redis
 }
 
 func (s *keySet) hasKid(kid string) bool {
@@ -124,7 +125,7 @@ func parseKeySet(b []byte, maxKeys int) (*keySet, error) {
 	if set.Len() > maxKeys {
 		return nil, fmt.Errorf("key set has %d keys, more than the limit of %d", set.Len(), maxKeys)
 	}
-	ks := &keySet{}
+	ks := &keySet{doc: b}
 	for i := 0; i < set.Len(); i++ {
 		k, _ := set.Key(i)
 		vk, ok := toVerifyKey(k)

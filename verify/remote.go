@@ -15,6 +15,10 @@ import (
 	"time"
 
 	"golang.org/x/sync/singleflight"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tokenauthz/tokenauthz/cache"
+	"github.com/tokenauthz/tokenauthz/proto/cachev1"
 )
 
 // keySource yields an issuer's current keys.
@@ -58,6 +62,10 @@ type remoteKeys struct {
 
 	cur     atomic.Pointer[keySet]
 	flights singleflight.Group
+	// shared is the fleet's Redis tier (nil without one); sharedName names
+	// this key set there.
+	shared     *cache.Shared
+	sharedName string
 	// Fetch counts requests made to the identity provider (discovery and
 	// JWKS), for tests and metrics.
 	fetches atomic.Int64
@@ -120,9 +128,25 @@ func (r *remoteKeys) refetch(ctx context.Context) *keySet {
 }
 
 // fetchShared runs one fetch for all concurrent callers and installs the
-// result. A failed fetch leaves the current set in place.
+// result. A failed fetch leaves the current set in place. With a Redis tier,
+// a fresh set another pod fetched is taken from Redis instead, and of the
+// pods that need a fetch at once only the one holding the fleet lock calls
+// the provider while the others wait for its result.
 func (r *remoteKeys) fetchShared(ctx context.Context) (*keySet, error) {
 	ch := r.flights.DoChan("fetch", func() (any, error) {
+		if ks := r.adoptShared(); ks != nil {
+			return ks, nil
+		}
+		if r.shared != nil {
+			unlock, acquired := r.shared.TryLock(context.Background(), r.sharedName)
+			if !acquired {
+				if ks := r.waitShared(); ks != nil {
+					return ks, nil
+				}
+			} else {
+				defer unlock()
+			}
+		}
 		fctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
 		defer cancel()
 		ks, err := r.fetch(fctx)
@@ -137,11 +161,8 @@ func (r *remoteKeys) fetchShared(ctx context.Context) (*keySet, error) {
 			r.log.Warn("key set fetch failed", "issuer", r.issuer, "error", err)
 			return nil, err
 		}
-		prev := r.cur.Swap(ks)
-		if prev == nil || !sameKids(prev, ks) {
-			r.log.Info("key set loaded", "issuer", r.issuer, "keys", len(ks.keys), "skipped", ks.skipped,
-				"refresh_in", ks.refreshAt.Sub(ks.fetchedAt).String())
-		}
+		r.install(ks)
+		r.publish(ks)
 		return ks, nil
 	})
 	select {
@@ -153,6 +174,89 @@ func (r *remoteKeys) fetchShared(ctx context.Context) (*keySet, error) {
 		}
 		return res.Val.(*keySet), nil
 	}
+}
+
+func (r *remoteKeys) install(ks *keySet) {
+	prev := r.cur.Swap(ks)
+	if prev == nil || !sameKids(prev, ks) {
+		r.log.Info("key set loaded", "issuer", r.issuer, "keys", len(ks.keys), "skipped", ks.skipped,
+			"refresh_in", ks.refreshAt.Sub(r.now()).Round(time.Second).String())
+	}
+}
+
+// publish writes a set this pod fetched to Redis, where it lives as long as
+// it may serve (refresh time plus max_stale), and nudges the other pods.
+func (r *remoteKeys) publish(ks *keySet) {
+	if r.shared == nil {
+		return
+	}
+	p, err := proto.Marshal(&cachev1.KeySetSnapshot{Jwks: ks.doc, FetchedUnixNano: ks.fetchedAt.UnixNano(),
+		RefreshUnixNano: ks.refreshAt.UnixNano()})
+	if err != nil {
+		return
+	}
+	ctx := context.Background()
+	r.shared.Set(ctx, r.sharedKey(), p, ks.refreshAt.Add(r.cfg.MaxStale))
+	_ = r.shared.Publish(ctx, keysChannel, r.sharedName)
+}
+
+// keysChannel carries the names of key sets that a pod has just fetched.
+const keysChannel = "keys"
+
+func (r *remoteKeys) sharedKey() string { return r.shared.Key("keys:" + r.sharedName) }
+
+// newerShared accepts a snapshot that is fresh and newer than the set held.
+func (r *remoteKeys) newerShared(ks *keySet) bool {
+	cur := r.cur.Load()
+	return r.now().Before(ks.refreshAt) && (cur == nil || ks.fetchedAt.After(cur.fetchedAt))
+}
+
+// adoptShared installs the Redis snapshot if it is fresh and newer than the
+// set held, and returns it; nil otherwise.
+func (r *remoteKeys) adoptShared() *keySet {
+	if r.shared == nil {
+		return nil
+	}
+	ks := r.decodeShared(r.shared.Get(context.Background(), r.sharedKey()))
+	if ks == nil || !r.newerShared(ks) {
+		return nil
+	}
+	r.install(ks)
+	return ks
+}
+
+// waitShared waits (bounded by lock_wait) for the lock holder's snapshot.
+func (r *remoteKeys) waitShared() *keySet {
+	var got *keySet
+	accept := func(p []byte, exp time.Time) bool {
+		got = r.decodeShared(p, exp, true)
+		return got != nil && r.newerShared(got)
+	}
+	if _, _, ok := r.shared.WaitFor(context.Background(), r.sharedKey(), accept); !ok {
+		return nil
+	}
+	r.install(got)
+	return got
+}
+
+// decodeShared parses a snapshot under this pod's own key rules: what
+// another pod (or whoever wrote to Redis) stored earns no exemption.
+func (r *remoteKeys) decodeShared(p []byte, _ time.Time, ok bool) *keySet {
+	if !ok {
+		return nil
+	}
+	var snap cachev1.KeySetSnapshot
+	if err := proto.Unmarshal(p, &snap); err != nil {
+		return nil
+	}
+	ks, err := parseKeySet(snap.GetJwks(), r.cfg.MaxKeys)
+	if err != nil {
+		r.log.Warn("key set in redis rejected", "issuer", r.issuer, "error", err)
+		return nil
+	}
+	ks.fetchedAt = time.Unix(0, snap.GetFetchedUnixNano())
+	ks.refreshAt = time.Unix(0, snap.GetRefreshUnixNano())
+	return ks
 }
 
 func sameKids(a, b *keySet) bool {

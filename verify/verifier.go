@@ -2,6 +2,8 @@ package verify
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -24,6 +26,9 @@ type Options struct {
 	// CacheMaxBytes bounds the memory held by cached introspection and
 	// userinfo answers. Default cache.DefaultMaxBytes.
 	CacheMaxBytes uint64
+	// Shared is the fleet's Redis tier for key sets and answers; nil keeps
+	// everything in process.
+	Shared *cache.Shared
 }
 
 // Verifier verifies JWTs for a fixed set of issuers. It is safe for
@@ -33,6 +38,7 @@ type Verifier struct {
 	byName  map[string]*Issuer
 	now     func() time.Time
 	answers *answers
+	shared  *cache.Shared
 }
 
 // Issuer is one configured issuer with its key source.
@@ -52,6 +58,10 @@ type Issuer struct {
 // Name is the configured issuer name.
 func (i *Issuer) Name() string { return i.name }
 
+// ID is the issuer identifier (the iss value): what names the issuer across
+// a fleet whose pods may call it by different names.
+func (i *Issuer) ID() string { return i.cfg.Issuer }
+
 // New builds a Verifier. Configs must be valid (see IssuerConfig.Validate);
 // New reports the first problem otherwise.
 func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
@@ -62,7 +72,10 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 		o.Now = time.Now
 	}
 	v := &Verifier{byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
-		answers: cache.New(cache.Options{MaxBytes: o.CacheMaxBytes, Now: o.Now}, answerSize)}
+		answers: cache.New(cache.Options{MaxBytes: o.CacheMaxBytes, Now: o.Now}, answerSize), shared: o.Shared}
+	if o.Shared != nil {
+		v.answers.Share(o.Shared, "answer:", answerCodec)
+	}
 	for idx := range cfgs {
 		c := cfgs[idx]
 		if p := c.Validate(); len(p) > 0 {
@@ -104,6 +117,7 @@ func newIssuer(c IssuerConfig, o Options) (*Issuer, error) {
 			issuer: c.Issuer, jwksURI: c.JWKSURI, discovery: c.Discovery, cfg: keys,
 			client: newHTTPClient(o.HTTPClient, keys.Timeout),
 			log:    o.Logger.With("issuer_name", c.Name), now: o.Now,
+			shared: o.Shared, sharedName: sharedKeySetName(c),
 		}
 	case c.JWKSFile != "" || c.JWKS != "":
 		b := []byte(c.JWKS)
@@ -120,7 +134,7 @@ func newIssuer(c IssuerConfig, o Options) (*Issuer, error) {
 		is.src = staticKeys{set: ks}
 	}
 	if in := c.Introspection; in != nil {
-		secret, err := readSecret(in.ClientSecretFile, in.ClientSecretEnv)
+		secret, err := cache.ReadSecret(in.ClientSecretFile, in.ClientSecretEnv)
 		if err != nil {
 			return nil, fmt.Errorf("introspection client secret: %w", err)
 		}
@@ -137,13 +151,48 @@ func newIssuer(c IssuerConfig, o Options) (*Issuer, error) {
 }
 
 // Start refreshes remote key sets in the background until ctx ends; the first
-// load begins at once.
+// load begins at once. With a Redis tier it also listens for key sets other
+// pods fetched, so a rotation one pod sees reaches every pod.
 func (v *Verifier) Start(ctx context.Context) {
 	for _, is := range v.byName {
 		if is.src != nil {
 			go is.src.run(ctx)
 		}
 	}
+	if v.shared != nil {
+		go v.shared.Subscribe(ctx, keysChannel, v.keySetNudged, v.resyncKeySets)
+	}
+}
+
+// keySetNudged takes the set another pod just published, if it is ours.
+func (v *Verifier) keySetNudged(name string) {
+	for _, is := range v.byName {
+		if rk, ok := is.src.(*remoteKeys); ok && rk.sharedName == name {
+			rk.adoptShared()
+		}
+	}
+}
+
+// resyncKeySets catches up on nudges missed while unsubscribed.
+func (v *Verifier) resyncKeySets() {
+	for _, is := range v.byName {
+		if rk, ok := is.src.(*remoteKeys); ok {
+			rk.adoptShared()
+		}
+	}
+}
+
+// sharedKeySetName names an issuer's key set in Redis by what it is (the
+// issuer and where its keys come from), not by the local issuer name, so
+// pods with different names for one issuer share it and pods with one name
+// for different issuers do not.
+func sharedKeySetName(c IssuerConfig) string {
+	src := c.JWKSURI
+	if c.Discovery {
+		src = "discovery"
+	}
+	sum := sha256.Sum256([]byte(c.Issuer + "\n" + src))
+	return hex.EncodeToString(sum[:16])
 }
 
 // Ready reports whether every issuer's keys have been loaded at least once.

@@ -38,6 +38,13 @@ type serverConfig struct {
 	LogLevel string `yaml:"log_level"`
 	// ShutdownTimeout bounds the graceful drain on SIGTERM. Default 15s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// AdminTokenFile / AdminTokenEnv hold the bearer token of the admin API
+	// (POST /admin/revoke on the HTTP port). Without one the API is off.
+	AdminTokenFile string `yaml:"admin_token_file"`
+	AdminTokenEnv  string `yaml:"admin_token_env"`
+	// RevocationTTL is how long a revocation is kept when the call names no
+	// ttl: make it at least your tokens' lifetime. Default 24h.
+	RevocationTTL time.Duration `yaml:"revocation_ttl"`
 }
 
 func (s *serverConfig) applyDefaults() {
@@ -59,6 +66,9 @@ func (s *serverConfig) applyDefaults() {
 	}
 	if s.ShutdownTimeout == 0 {
 		s.ShutdownTimeout = 15 * time.Second
+	}
+	if s.RevocationTTL == 0 {
+		s.RevocationTTL = 24 * time.Hour
 	}
 }
 
@@ -128,6 +138,16 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	}
 	if cfg.Server.ShutdownTimeout < 0 {
 		problems = append(problems, "server.shutdown_timeout: must be positive")
+	}
+	if cfg.Server.RevocationTTL < 0 {
+		problems = append(problems, "server.revocation_ttl: must be positive")
+	}
+	if cfg.Server.AdminTokenFile != "" && cfg.Server.AdminTokenEnv != "" {
+		problems = append(problems, "server.admin_token_file: set only one of admin_token_file, admin_token_env")
+	} else if tok, err := cache.ReadSecret(cfg.Server.AdminTokenFile, cfg.Server.AdminTokenEnv); err != nil {
+		problems = append(problems, "server.admin_token: "+err.Error())
+	} else if tok != nil && len(tok) < 32 {
+		problems = append(problems, fmt.Sprintf("server.admin_token: at least 32 characters, have %d", len(tok)))
 	}
 	if len(problems) > 0 {
 		return nil, &configError{file: name, problems: problems}

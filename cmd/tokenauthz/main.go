@@ -4,14 +4,18 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -19,6 +23,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jwt"
 
+	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/deploy"
 )
 
@@ -29,6 +34,9 @@ Usage:
   tokenauthz validate   --config FILE     check a config; exit 1 naming every problem
   tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D]
                                           mint a token the demo config accepts
+  tokenauthz revoke     --admin URL (--token T | --token-sha256 H | --jti J --issuer N | --sub S --issuer N)
+                        [--ttl D]         revoke through a running instance's admin API
+                                          (admin token from $TOKENAUTHZ_ADMIN_TOKEN or --admin-token-file)
   tokenauthz version
 `
 
@@ -81,6 +89,20 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintln(stdout, tok)
 		return 0
+	case "revoke":
+		var o revokeOptions
+		fs.StringVar(&o.admin, "admin", "http://127.0.0.1:9090", "base URL of an instance's HTTP port")
+		fs.StringVar(&o.adminTokenFile, "admin-token-file", "", "file holding the admin token (default: $TOKENAUTHZ_ADMIN_TOKEN)")
+		fs.StringVar(&o.token, "token", "", "a token to revoke (hashed here; only the hash is sent)")
+		fs.StringVar(&o.req.TokenSHA256, "token-sha256", "", "the hex SHA-256 of a token to revoke")
+		fs.StringVar(&o.req.JTI, "jti", "", "a jti to revoke (with --issuer)")
+		fs.StringVar(&o.req.Sub, "sub", "", "a subject whose tokens issued until now are revoked (with --issuer)")
+		fs.StringVar(&o.req.Issuer, "issuer", "", "issuer name, as in the config")
+		fs.StringVar(&o.req.TTL, "ttl", "", "how long the revocation is kept (default: the server's revocation_ttl)")
+		if fs.Parse(args) != nil {
+			return 2
+		}
+		return revoke(o, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, version())
 		return 0
@@ -161,4 +183,47 @@ func version() string {
 		v = bi.Main.Version
 	}
 	return "tokenauthz " + v
+}
+
+type revokeOptions struct {
+	admin, adminTokenFile, token string
+	req                          revokeRequest
+}
+
+func revoke(o revokeOptions, stdout, stderr io.Writer) int {
+	tok, err := cache.ReadSecret(o.adminTokenFile, "TOKENAUTHZ_ADMIN_TOKEN")
+	if err != nil || tok == nil {
+		fmt.Fprintln(stderr, "revoke: an admin token is needed (--admin-token-file or $TOKENAUTHZ_ADMIN_TOKEN):", err)
+		return 2
+	}
+	if o.token != "" {
+		if o.req.TokenSHA256 != "" {
+			fmt.Fprintln(stderr, "revoke: --token and --token-sha256 exclude each other")
+			return 2
+		}
+		o.req.TokenSHA256 = cache.Hash(strings.TrimPrefix(o.token, "Bearer "))
+	}
+	body, _ := json.Marshal(o.req)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(o.admin, "/")+"/admin/revoke", bytes.NewReader(body))
+	if err != nil {
+		fmt.Fprintln(stderr, "revoke:", err)
+		return 2
+	}
+	req.Header.Set("Authorization", "Bearer "+string(tok))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		fmt.Fprintln(stderr, "revoke:", err)
+		return 1
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "revoke: HTTP %d: %s", resp.StatusCode, out)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s", out)
+	return 0
 }

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/verify"
 )
 
@@ -30,7 +31,16 @@ const (
 // run serves until ctx ends, then shuts down in order: not ready, drain,
 // stop. httpLis may be nil.
 func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, log *slog.Logger) error {
-	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log, CacheMaxBytes: cfg.Cache.MaxBytes})
+	var shared *cache.Shared
+	if rc := cfg.Cache.Redis; rc != nil {
+		var err error
+		if shared, err = cache.NewShared(rc, cache.SharedOptions{Logger: log}); err != nil {
+			return fmt.Errorf("redis: %w", err)
+		}
+		defer shared.Close()
+		log.Info("redis tier on", "addrs", rc.Addrs, "master_name", rc.MasterName, "hmac", rc.HMACKeyFile != "" || rc.HMACKeyEnv != "")
+	}
+	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log, CacheMaxBytes: cfg.Cache.MaxBytes, Shared: shared})
 	if err != nil {
 		return err
 	}
@@ -38,9 +48,12 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 	if err != nil {
 		return err
 	}
+	denylist := cache.NewDenylist(shared, nil)
+	srv.UseDenylist(denylist)
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	v.Start(bg)
+	go denylist.Run(bg, 30*time.Second)
 
 	gs := grpc.NewServer()
 	authv3.RegisterAuthorizationServer(gs, srv)
@@ -85,6 +98,17 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			}
 			_, _ = w.Write([]byte("ok\n"))
 		})
+		adminToken, err := cache.ReadSecret(cfg.Server.AdminTokenFile, cfg.Server.AdminTokenEnv)
+		if err != nil {
+			return fmt.Errorf("admin token: %w", err)
+		}
+		if adminToken != nil {
+			issuers := map[string]string{}
+			for _, is := range cfg.Issuers {
+				issuers[is.Name] = is.Issuer
+			}
+			mux.Handle("/admin/", adminHandler(adminToken, denylist, issuers, cfg.Server.RevocationTTL))
+		}
 		hsrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() {
 			if err := hsrv.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -1,0 +1,503 @@
+package cache
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/sony/gobreaker/v2"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tokenauthz/tokenauthz/proto/cachev1"
+)
+
+// RedisConfig is cache.redis in the configuration file. With none, every
+// pod keeps its own in-process cache.
+type RedisConfig struct {
+	// Addrs: one address for a single node; several for a Cluster; the
+	// Sentinels' addresses with MasterName.
+	Addrs []string `yaml:"addrs"`
+	// Cluster forces a Cluster client for a single configuration endpoint.
+	Cluster bool `yaml:"cluster"`
+	// MasterName selects Sentinel: Addrs are then the Sentinels.
+	MasterName string `yaml:"master_name"`
+	// Username is the ACL user (Redis 6+); the password comes from a file or
+	// an environment variable, never from the config.
+	Username     string `yaml:"username"`
+	PasswordFile string `yaml:"password_file"`
+	PasswordEnv  string `yaml:"password_env"`
+	// SentinelPasswordFile / SentinelPasswordEnv authenticate to Sentinels.
+	SentinelPasswordFile string `yaml:"sentinel_password_file"`
+	SentinelPasswordEnv  string `yaml:"sentinel_password_env"`
+	DB                   int    `yaml:"db"`
+	TLS                  *TLS   `yaml:"tls"`
+	// KeyPrefix namespaces every key. Default "tokenauthz:".
+	KeyPrefix string `yaml:"key_prefix"`
+	// Timeout bounds every Redis operation (dial, read, write). Default 100ms:
+	// Redis is a shortcut, never worth waiting for longer than the provider.
+	Timeout time.Duration `yaml:"timeout"`
+	// LockWait is how long a pod waits for another pod's fetch of the same
+	// entry before fetching itself. Default 1s.
+	LockWait time.Duration `yaml:"lock_wait"`
+	// LockTTL is how long a fetch lock lives if its holder dies. Default 5s.
+	LockTTL time.Duration `yaml:"lock_ttl"`
+	// HMACKeyFile / HMACKeyEnv hold a key (32+ bytes) that authenticates
+	// every entry; pods skip entries that fail the check. Without it, anyone
+	// able to write to Redis can plant signing keys or active answers.
+	HMACKeyFile string `yaml:"hmac_key_file"`
+	HMACKeyEnv  string `yaml:"hmac_key_env"`
+	// BreakerFailures consecutive failures open the breaker; Redis is then
+	// skipped for BreakerCooldown. Defaults 3 and 5s.
+	BreakerFailures int           `yaml:"breaker_failures"`
+	BreakerCooldown time.Duration `yaml:"breaker_cooldown"`
+}
+
+// TLS configures TLS to Redis.
+type TLS struct {
+	CAFile     string `yaml:"ca_file"`
+	CertFile   string `yaml:"cert_file"`
+	KeyFile    string `yaml:"key_file"`
+	ServerName string `yaml:"server_name"`
+}
+
+func (c *RedisConfig) withDefaults() RedisConfig {
+	r := *c
+	if r.KeyPrefix == "" {
+		r.KeyPrefix = "tokenauthz:"
+	}
+	if r.Timeout <= 0 {
+		r.Timeout = 100 * time.Millisecond
+	}
+	if r.LockWait <= 0 {
+		r.LockWait = time.Second
+	}
+	if r.LockTTL <= 0 {
+		r.LockTTL = 5 * time.Second
+	}
+	if r.BreakerFailures <= 0 {
+		r.BreakerFailures = 3
+	}
+	if r.BreakerCooldown <= 0 {
+		r.BreakerCooldown = 5 * time.Second
+	}
+	return r
+}
+
+func (c *RedisConfig) validate() []string {
+	var p []string
+	if len(c.Addrs) == 0 {
+		p = append(p, "cache.redis.addrs: at least one host:port")
+	}
+	for i, a := range c.Addrs {
+		if !strings.Contains(a, ":") {
+			p = append(p, fmt.Sprintf("cache.redis.addrs[%d]: %q is not host:port", i, a))
+		}
+	}
+	if c.MasterName == "" && c.Cluster && len(c.Addrs) == 0 {
+		p = append(p, "cache.redis.cluster: needs an address")
+	}
+	if c.DB != 0 && (c.Cluster || len(c.Addrs) > 1 && c.MasterName == "") {
+		p = append(p, "cache.redis.db: a Redis Cluster has only database 0")
+	}
+	if c.PasswordFile != "" && c.PasswordEnv != "" {
+		p = append(p, "cache.redis.password_file: set only one of password_file, password_env")
+	} else if _, err := ReadSecret(c.PasswordFile, c.PasswordEnv); err != nil {
+		p = append(p, "cache.redis.password: "+err.Error())
+	}
+	if _, err := ReadSecret(c.SentinelPasswordFile, c.SentinelPasswordEnv); err != nil {
+		p = append(p, "cache.redis.sentinel_password: "+err.Error())
+	}
+	if c.HMACKeyFile != "" && c.HMACKeyEnv != "" {
+		p = append(p, "cache.redis.hmac_key_file: set only one of hmac_key_file, hmac_key_env")
+	} else if k, err := ReadSecret(c.HMACKeyFile, c.HMACKeyEnv); err != nil {
+		p = append(p, "cache.redis.hmac_key: "+err.Error())
+	} else if k != nil && len(k) < 32 {
+		p = append(p, fmt.Sprintf("cache.redis.hmac_key: at least 32 bytes, have %d", len(k)))
+	}
+	if c.TLS != nil {
+		if _, err := c.TLS.config(); err != nil {
+			p = append(p, "cache.redis.tls: "+err.Error())
+		}
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"timeout", c.Timeout}, {"lock_wait", c.LockWait}, {"lock_ttl", c.LockTTL}, {"breaker_cooldown", c.BreakerCooldown}} {
+		if d.v < 0 {
+			p = append(p, "cache.redis."+d.name+": must be positive")
+		}
+	}
+	return p
+}
+
+func (t *TLS) config() (*tls.Config, error) {
+	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
+	if t.CAFile != "" {
+		pem, err := os.ReadFile(t.CAFile)
+		if err != nil {
+			return nil, err
+		}
+		c.RootCAs = x509.NewCertPool()
+		if !c.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s: no PEM certificates", t.CAFile)
+		}
+	}
+	if (t.CertFile == "") != (t.KeyFile == "") {
+		return nil, errors.New("cert_file and key_file go together")
+	}
+	if t.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+		if err != nil {
+			return nil, err
+		}
+		c.Certificates = []tls.Certificate{cert}
+	}
+	return c, nil
+}
+
+// UniversalOptions maps the config onto go-redis, which picks the client:
+// Sentinel when MasterName is set, Cluster for several addresses or Cluster,
+// a single node otherwise. Retries are off and every timeout is short: a
+// slow Redis must cost a miss, not a stalled request.
+func (c *RedisConfig) UniversalOptions() (*redis.UniversalOptions, error) {
+	r := c.withDefaults()
+	pw, err := ReadSecret(r.PasswordFile, r.PasswordEnv)
+	if err != nil {
+		return nil, fmt.Errorf("redis password: %w", err)
+	}
+	spw, err := ReadSecret(r.SentinelPasswordFile, r.SentinelPasswordEnv)
+	if err != nil {
+		return nil, fmt.Errorf("redis sentinel password: %w", err)
+	}
+	o := &redis.UniversalOptions{
+		Addrs: r.Addrs, MasterName: r.MasterName, IsClusterMode: r.Cluster,
+		Username: r.Username, Password: string(pw), SentinelPassword: string(spw), DB: r.DB,
+		ClientName: "tokenauthz", DialTimeout: r.Timeout, ReadTimeout: r.Timeout, WriteTimeout: r.Timeout,
+		ContextTimeoutEnabled: true, MaxRetries: -1, DialerRetries: 1,
+	}
+	if r.TLS != nil {
+		if o.TLSConfig, err = r.TLS.config(); err != nil {
+			return nil, err
+		}
+	}
+	return o, nil
+}
+
+// Source says where a value came from.
+type Source string
+
+const (
+	FromMemory Source = "memory"
+	FromRedis  Source = "redis"
+	FromOrigin Source = "origin"
+)
+
+// Shared is the Redis tier every pod of a fleet reads and writes. Redis is
+// a shortcut, never a dependency: every operation is bounded by a short
+// timeout, a circuit breaker skips Redis for a while after repeated
+// failures, and every failure is a miss. A Redis problem can cost a provider
+// call, never a wrong decision.
+type Shared struct {
+	rdb      redis.UniversalClient
+	prefix   string // KeyPrefix + schema, e.g. "tokenauthz:v1:"
+	mac      []byte
+	timeout  time.Duration
+	lockWait time.Duration
+	lockTTL  time.Duration
+	br       *gobreaker.CircuitBreaker[any]
+	log      *slog.Logger
+	now      func() time.Time
+
+	// Rejected counts entries that failed the HMAC check or did not decode.
+	Rejected atomic.Int64
+	// Errors counts failed Redis operations (breaker-skipped ones included).
+	Errors atomic.Int64
+}
+
+// SharedOptions are the dependencies of a Shared tier.
+type SharedOptions struct {
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+// NewShared connects the Redis tier (lazily: a Redis that is down at start
+// is retried by every later operation).
+func NewShared(cfg *RedisConfig, o SharedOptions) (*Shared, error) {
+	if p := cfg.validate(); len(p) > 0 {
+		return nil, errors.New(strings.Join(p, "; "))
+	}
+	opts, err := cfg.UniversalOptions()
+	if err != nil {
+		return nil, err
+	}
+	return newShared(cfg, redis.NewUniversalClient(opts), o)
+}
+
+func newShared(cfg *RedisConfig, rdb redis.UniversalClient, o SharedOptions) (*Shared, error) {
+	r := cfg.withDefaults()
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	mac, err := ReadSecret(r.HMACKeyFile, r.HMACKeyEnv)
+	if err != nil {
+		return nil, fmt.Errorf("redis hmac key: %w", err)
+	}
+	s := &Shared{
+		rdb: rdb, prefix: fmt.Sprintf("%sv%d:", r.KeyPrefix, cachev1.Schema_SCHEMA_VERSION), mac: mac,
+		timeout: r.Timeout, lockWait: r.LockWait, lockTTL: r.LockTTL, log: o.Logger.With("component", "redis"), now: o.Now,
+	}
+	failures := uint32(r.BreakerFailures)
+	s.br = gobreaker.NewCircuitBreaker[any](gobreaker.Settings{
+		Name:        "redis",
+		Timeout:     r.BreakerCooldown,
+		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= failures },
+		// A miss is an answer, not a failure.
+		IsSuccessful: func(err error) bool { return err == nil || errors.Is(err, redis.Nil) },
+		OnStateChange: func(_ string, from, to gobreaker.State) {
+			s.log.Warn("redis circuit breaker", "from", from.String(), "to", to.String())
+		},
+	})
+	return s, nil
+}
+
+// Client is the underlying go-redis client.
+func (s *Shared) Client() redis.UniversalClient { return s.rdb }
+
+// BreakerState is closed, half-open or open.
+func (s *Shared) BreakerState() string { return s.br.State().String() }
+
+// Close closes the connections.
+func (s *Shared) Close() error { return s.rdb.Close() }
+
+// Key namespaces name under the prefix and schema version.
+func (s *Shared) Key(name string) string { return s.prefix + name }
+
+// do runs op through the breaker with the operation timeout.
+func (s *Shared) do(ctx context.Context, op func(ctx context.Context) error) error {
+	_, err := s.br.Execute(func() (any, error) {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.timeout)
+		defer cancel()
+		return nil, op(ctx)
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		s.Errors.Add(1)
+	}
+	return err
+}
+
+// Get reads the entry under key (from Key). ok is false on a miss, an
+// expired or rejected entry, and any Redis failure.
+func (s *Shared) Get(ctx context.Context, key string) (payload []byte, expires time.Time, ok bool) {
+	var raw []byte
+	err := s.do(ctx, func(ctx context.Context) error {
+		var err error
+		raw, err = s.rdb.Get(ctx, key).Bytes()
+		return err
+	})
+	if err != nil {
+		if !errors.Is(err, redis.Nil) && !errors.Is(err, gobreaker.ErrOpenState) {
+			s.log.Debug("redis get failed", "error", err)
+		}
+		return nil, time.Time{}, false
+	}
+	var e cachev1.Entry
+	if err := proto.Unmarshal(raw, &e); err != nil || e.GetSchema() != uint32(cachev1.Schema_SCHEMA_VERSION) {
+		s.reject(key, "undecodable entry")
+		return nil, time.Time{}, false
+	}
+	if s.mac != nil && !hmac.Equal(e.GetMac(), s.sum(key, &e)) {
+		s.reject(key, "HMAC check failed")
+		return nil, time.Time{}, false
+	}
+	expires = time.Unix(0, e.GetExpiresUnixNano())
+	if !s.now().Before(expires) {
+		return nil, time.Time{}, false
+	}
+	return e.GetPayload(), expires, true
+}
+
+func (s *Shared) reject(key, why string) {
+	s.Rejected.Add(1)
+	// The key holds only hashes, so it is safe to log.
+	s.log.Warn("redis entry rejected", "key", key, "reason", why)
+}
+
+// Set writes payload under key until expires (also the Redis TTL).
+func (s *Shared) Set(ctx context.Context, key string, payload []byte, expires time.Time) {
+	ttl := expires.Sub(s.now())
+	if ttl <= 0 {
+		return
+	}
+	e := &cachev1.Entry{Schema: uint32(cachev1.Schema_SCHEMA_VERSION), ExpiresUnixNano: expires.UnixNano(), Payload: payload}
+	if s.mac != nil {
+		e.Mac = s.sum(key, e)
+	}
+	raw, err := proto.Marshal(e)
+	if err != nil {
+		return
+	}
+	if err := s.do(ctx, func(ctx context.Context) error { return s.rdb.Set(ctx, key, raw, ttl).Err() }); err != nil &&
+		!errors.Is(err, gobreaker.ErrOpenState) {
+		s.log.Debug("redis set failed", "error", err)
+	}
+}
+
+// Delete removes key.
+func (s *Shared) Delete(ctx context.Context, key string) error {
+	return s.do(ctx, func(ctx context.Context) error { return s.rdb.Del(ctx, key).Err() })
+}
+
+// sum is the entry's HMAC: it binds the payload to its key, schema and
+// expiry, so an entry cannot be replayed under another key or kept alive.
+func (s *Shared) sum(key string, e *cachev1.Entry) []byte {
+	m := hmac.New(sha256.New, s.mac)
+	var n [8]byte
+	binary.BigEndian.PutUint64(n[:], uint64(len(key)))
+	m.Write(n[:])
+	m.Write([]byte(key))
+	binary.BigEndian.PutUint32(n[:4], e.GetSchema())
+	m.Write(n[:4])
+	binary.BigEndian.PutUint64(n[:], uint64(e.GetExpiresUnixNano()))
+	m.Write(n[:])
+	m.Write(e.GetPayload())
+	return m.Sum(nil)
+}
+
+// unlockScript deletes the lock only if we still hold it, so a holder whose
+// lock expired cannot release another pod's.
+var unlockScript = redis.NewScript(`if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end return 0`)
+
+// TryLock takes the fleet-wide fetch lock for name. acquired is true when
+// this pod should fetch: it holds the lock, or Redis cannot be asked (then
+// every pod fetches for itself, which costs provider calls, not
+// availability). unlock releases a held lock.
+func (s *Shared) TryLock(ctx context.Context, name string) (unlock func(), acquired bool) {
+	key := s.Key("lock:" + name)
+	tok := make([]byte, 16)
+	_, _ = rand.Read(tok)
+	val := hex.EncodeToString(tok)
+	var got bool
+	err := s.do(ctx, func(ctx context.Context) error {
+		var err error
+		got, err = s.rdb.SetNX(ctx, key, val, s.lockTTL).Result()
+		return err
+	})
+	if err != nil {
+		return func() {}, true
+	}
+	if !got {
+		return nil, false
+	}
+	return func() {
+		_ = s.do(context.Background(), func(ctx context.Context) error {
+			return unlockScript.Run(ctx, s.rdb, []string{key}, val).Err()
+		})
+	}, true
+}
+
+// WaitFor polls key while another pod holds the fetch lock, until check
+// accepts what it reads or LockWait passes. It returns the accepted payload.
+func (s *Shared) WaitFor(ctx context.Context, key string, check func(payload []byte, expires time.Time) bool) ([]byte, time.Time, bool) {
+	deadline := time.Now().Add(s.lockWait)
+	for wait := 5 * time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
+		if p, exp, ok := s.Get(ctx, key); ok && check(p, exp) {
+			return p, exp, true
+		}
+		if s.br.State() == gobreaker.StateOpen || time.Now().Add(wait).After(deadline) {
+			return nil, time.Time{}, false
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, time.Time{}, false
+		case <-t.C:
+		}
+	}
+}
+
+// Publish sends a nudge on channel (under the prefix). Failures are logged:
+// other pods then learn of the change on their next lookup instead.
+func (s *Shared) Publish(ctx context.Context, channel, msg string) error {
+	err := s.do(ctx, func(ctx context.Context) error { return s.rdb.Publish(ctx, s.Key(channel), msg).Err() })
+	if err != nil {
+		s.log.Warn("redis publish failed", "channel", channel, "error", err)
+	}
+	return err
+}
+
+// Subscribe calls fn for every message on channel until ctx ends,
+// resubscribing by itself after Redis comes back. resync runs after every
+// (re)subscription, to catch up on what was missed meanwhile.
+func (s *Shared) Subscribe(ctx context.Context, channel string, fn func(msg string), resync func()) {
+	ps := s.rdb.Subscribe(ctx, s.Key(channel))
+	defer ps.Close()
+	for {
+		// Receive reconnects by itself; a subscription confirmation marks a
+		// (re)connection.
+		m, err := ps.Receive(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		switch m := m.(type) {
+		case *redis.Subscription:
+			if resync != nil {
+				resync()
+			}
+		case *redis.Message:
+			fn(m.Payload)
+		}
+		if err != nil {
+			t := time.NewTimer(100 * time.Millisecond)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+	}
+}
+
+// ReadSecret reads a secret from a file or an environment variable; nil
+// when neither is named. A trailing newline in a file is not part of it
+// (editors and kubectl add one). Every secret in the config is read so.
+func ReadSecret(file, env string) ([]byte, error) {
+	var s []byte
+	switch {
+	case file != "":
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return nil, err
+		}
+		s = []byte(strings.TrimRight(string(b), "\r\n"))
+	case env != "":
+		v, ok := os.LookupEnv(env)
+		if !ok {
+			return nil, fmt.Errorf("environment variable %s is not set", env)
+		}
+		s = []byte(v)
+	default:
+		return nil, nil
+	}
+	if len(s) == 0 {
+		return nil, errors.New("secret is empty")
+	}
+	return s, nil
+}

@@ -1,0 +1,112 @@
+package main
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/tokenauthz/tokenauthz/cache"
+	"github.com/tokenauthz/tokenauthz/proto/cachev1"
+)
+
+// revokeRequest is the body of POST /admin/revoke: exactly one of
+// token_sha256, jti or sub; jti and sub name the issuer (its config name).
+type revokeRequest struct {
+	TokenSHA256 string `json:"token_sha256"`
+	JTI         string `json:"jti"`
+	Sub         string `json:"sub"`
+	Issuer      string `json:"issuer"`
+	// TTL (e.g. "1h") bounds how long the revocation is kept; default
+	// server.revocation_ttl. It must outlive the tokens it covers.
+	TTL string `json:"ttl"`
+}
+
+const maxRevocationTTL = 30 * 24 * time.Hour
+
+var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// adminHandler serves the admin API, authenticated with a bearer token
+// compared in constant time.
+func adminHandler(adminToken []byte, dl *cache.Denylist, issuers map[string]string, defaultTTL time.Duration) http.Handler {
+	want := sha256.Sum256(adminToken)
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /admin/revoke", func(w http.ResponseWriter, r *http.Request) {
+		got, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		sum := sha256.Sum256([]byte(got))
+		if subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="tokenauthz-admin"`)
+			adminError(w, http.StatusUnauthorized, "a valid admin token is required")
+			return
+		}
+		var req revokeRequest
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 16<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			adminError(w, http.StatusBadRequest, "body: "+err.Error())
+			return
+		}
+		rev, err := req.revocation(issuers)
+		if err != nil {
+			adminError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		ttl := defaultTTL
+		if req.TTL != "" {
+			if ttl, err = time.ParseDuration(req.TTL); err != nil || ttl <= 0 || ttl > maxRevocationTTL {
+				adminError(w, http.StatusBadRequest, fmt.Sprintf("ttl: a duration between 1s and %s", maxRevocationTTL))
+				return
+			}
+		}
+		if err := dl.Revoke(r.Context(), rev, ttl); err != nil {
+			adminError(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"revoked": strings.ToLower(strings.TrimPrefix(rev.GetKind().String(), "KIND_")),
+			"until":   time.Now().Add(ttl).UTC().Format(time.RFC3339),
+		})
+	})
+	return mux
+}
+
+func (req *revokeRequest) revocation(issuers map[string]string) (*cachev1.Revocation, error) {
+	set := 0
+	for _, v := range []string{req.TokenSHA256, req.JTI, req.Sub} {
+		if v != "" {
+			set++
+		}
+	}
+	if set != 1 {
+		return nil, fmt.Errorf("name exactly one of token_sha256, jti, sub")
+	}
+	r := &cachev1.Revocation{RevokedUnix: time.Now().Unix()}
+	if req.TokenSHA256 != "" {
+		if !sha256Hex.MatchString(req.TokenSHA256) {
+			return nil, fmt.Errorf("token_sha256: 64 lower-case hex digits (sha256sum of the token)")
+		}
+		r.Kind, r.Id = cachev1.Revocation_KIND_TOKEN, req.TokenSHA256
+		return r, nil
+	}
+	iss, ok := issuers[req.Issuer]
+	if !ok {
+		return nil, fmt.Errorf("issuer: %q is not a configured issuer name", req.Issuer)
+	}
+	if req.JTI != "" {
+		r.Kind, r.Id = cachev1.Revocation_KIND_JTI, cache.Hash(iss, req.JTI)
+	} else {
+		r.Kind, r.Id = cachev1.Revocation_KIND_SUBJECT, cache.Hash(iss, req.Sub)
+	}
+	return r, nil
+}
+
+func adminError(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]string{"error": msg})
+}
