@@ -180,6 +180,12 @@ func (c *Cache[V]) Get(ctx context.Context, key string, load Loader[V]) (v V, sr
 				}
 			} else {
 				defer unlock()
+				// The previous holder may have stored its result just before
+				// releasing the lock we now hold.
+				if v, ok := c.fromShared(c.shared.Get(lctx, rkey)); ok {
+					c.Set(key, v.v, v.ttl)
+					return result{v.v, FromRedis}, nil
+				}
 			}
 		}
 		c.loads.Add(1)

@@ -145,6 +145,11 @@ func (r *remoteKeys) fetchShared(ctx context.Context) (*keySet, error) {
 				}
 			} else {
 				defer unlock()
+				// The previous holder may have published just before
+				// releasing the lock we now hold.
+				if ks := r.adoptShared(); ks != nil {
+					return ks, nil
+				}
 			}
 		}
 		fctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)

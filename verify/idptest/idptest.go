@@ -94,6 +94,7 @@ type IdP struct {
 	userinfo    map[string]map[string]any // sub → claims
 	forced      *reply
 	delay       time.Duration
+	jwksDelay   time.Duration
 	lastRequest *http.Request
 
 	// JWKSHits, DiscoveryHits, IntrospectionHits and UserinfoHits count
@@ -152,10 +153,10 @@ func (p *IdP) SetMaxAge(s int) { p.mu.Lock(); p.maxAge = s; p.mu.Unlock() }
 // SetDiscoveryIssuer makes discovery claim another issuer.
 func (p *IdP) SetDiscoveryIssuer(iss string) { p.mu.Lock(); p.issuer = iss; p.mu.Unlock() }
 
-func (p *IdP) serveJWKS(w http.ResponseWriter, _ *http.Request) {
+func (p *IdP) serveJWKS(w http.ResponseWriter, r *http.Request) {
 	p.JWKSHits.Add(1)
 	p.mu.Lock()
-	down, raw, maxAge := p.down, p.rawJWKS, p.maxAge
+	down, raw, maxAge, delay := p.down, p.rawJWKS, p.maxAge, p.jwksDelay
 	set := jwk.NewSet()
 	for _, k := range p.keys {
 		_ = set.AddKey(k.JWK(p.t))
@@ -164,6 +165,13 @@ func (p *IdP) serveJWKS(w http.ResponseWriter, _ *http.Request) {
 		_ = set.AddKey(k)
 	}
 	p.mu.Unlock()
+	if delay > 0 {
+		select {
+		case <-time.After(delay):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	if down {
 		http.Error(w, "down", http.StatusServiceUnavailable)
 		return
@@ -254,6 +262,9 @@ func (p *IdP) ForceReply(status int, body []byte) {
 	}
 	p.forced = &reply{status: status, body: body}
 }
+
+// SetJWKSDelay delays every key set answer by d.
+func (p *IdP) SetJWKSDelay(d time.Duration) { p.mu.Lock(); p.jwksDelay = d; p.mu.Unlock() }
 
 // SetDelay delays every introspection and userinfo answer by d.
 func (p *IdP) SetDelay(d time.Duration) { p.mu.Lock(); p.delay = d; p.mu.Unlock() }
