@@ -12,6 +12,7 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -33,6 +34,9 @@ const (
 func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, log *slog.Logger) error {
 	var shared *cache.Shared
 	if rc := cfg.Cache.Redis; rc != nil {
+		// go-redis logs dial failures itself; they belong at debug, since the
+		// breaker already reports an outage once.
+		redis.SetLogger(redisLogger{log})
 		var err error
 		if shared, err = cache.NewShared(rc, cache.SharedOptions{Logger: log}); err != nil {
 			return fmt.Errorf("redis: %w", err)
@@ -142,6 +146,12 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		_ = hsrv.Shutdown(sctx)
 	}
 	return nil
+}
+
+type redisLogger struct{ log *slog.Logger }
+
+func (l redisLogger) Printf(ctx context.Context, format string, v ...any) {
+	l.log.DebugContext(ctx, fmt.Sprintf(format, v...), "component", "go-redis")
 }
 
 func newLogger(format, level string) *slog.Logger {

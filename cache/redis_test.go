@@ -1,0 +1,231 @@
+package cache_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenauthz/tokenauthz/cache"
+	"github.com/tokenauthz/tokenauthz/cache/redistest"
+	"github.com/tokenauthz/tokenauthz/proto/cachev1"
+)
+
+func TestRedisConfigBuildsTheRightClient(t *testing.T) {
+	pw := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pw, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name  string
+		cfg   cache.RedisConfig
+		check func(t *testing.T, c redis.UniversalClient)
+	}{
+		{"single node", cache.RedisConfig{Addrs: []string{"10.0.0.1:6379"}, DB: 2, Username: "authz", PasswordFile: pw},
+			func(t *testing.T, c redis.UniversalClient) {
+				o := c.(*redis.Client).Options()
+				if o.Addr != "10.0.0.1:6379" || o.DB != 2 || o.Username != "authz" || o.Password != "s3cret" {
+					t.Errorf("options %+v", o)
+				}
+				if o.MaxRetries != 0 || o.ReadTimeout != 100*time.Millisecond {
+					t.Errorf("retries %d, read timeout %v: Redis must be quick to give up", o.MaxRetries, o.ReadTimeout)
+				}
+			}},
+		{"cluster by addresses", cache.RedisConfig{Addrs: []string{"a:6379", "b:6379", "c:6379"}},
+			func(t *testing.T, c redis.UniversalClient) {
+				if o := c.(*redis.ClusterClient).Options(); len(o.Addrs) != 3 {
+					t.Errorf("cluster addrs %v", o.Addrs)
+				}
+			}},
+		{"cluster by configuration endpoint", cache.RedisConfig{Addrs: []string{"cfg.cache.example:6379"}, Cluster: true},
+			func(t *testing.T, c redis.UniversalClient) { _ = c.(*redis.ClusterClient) }},
+		{"sentinel", cache.RedisConfig{Addrs: []string{"s1:26379", "s2:26379"}, MasterName: "mymaster", SentinelPasswordFile: pw},
+			func(t *testing.T, c redis.UniversalClient) {
+				if o := c.(*redis.Client).Options(); o.Addr != "FailoverClient" {
+					t.Errorf("not a Sentinel failover client: %+v", o.Addr)
+				}
+			}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			o, err := tc.cfg.UniversalOptions()
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := redis.NewUniversalClient(o)
+			defer c.Close()
+			tc.check(t, c)
+		})
+	}
+}
+
+func TestRedisConfigValidation(t *testing.T) {
+	short := filepath.Join(t.TempDir(), "short")
+	_ = os.WriteFile(short, []byte("too-short"), 0o600)
+	cfg := cache.Config{MaxBytes: 10, Redis: &cache.RedisConfig{
+		Addrs: []string{"no-port"}, DB: 1, Cluster: true, PasswordFile: "/nonexistent/pw", HMACKeyFile: short,
+		TLS: &cache.TLS{CertFile: "x.pem"}, Timeout: -1,
+	}}
+	got := strings.Join(cfg.Validate(), "\n")
+	for _, want := range []string{"cache.max_bytes", "cache.redis.addrs[0]", "cache.redis.db", "cache.redis.password",
+		"cache.redis.hmac_key: at least 32 bytes", "cache.redis.tls", "cache.redis.timeout"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("validation lacks %q:\n%s", want, got)
+		}
+	}
+	if p := (&cache.Config{Redis: &cache.RedisConfig{}}).Validate(); len(p) == 0 {
+		t.Error("a redis block without addresses passed validation")
+	}
+}
+
+func TestBreakerSkipsADeadRedisAndRecovers(t *testing.T) {
+	rs := redistest.Start(t)
+	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, BreakerFailures: 3, BreakerCooldown: 200 * time.Millisecond}, cache.SharedOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	key := s.Key("k")
+	s.Set(ctx, key, []byte("v"), time.Now().Add(time.Minute))
+	if p, _, ok := s.Get(ctx, key); !ok || string(p) != "v" {
+		t.Fatalf("get after set: %q %v", p, ok)
+	}
+	rs.Kill()
+	for range 3 {
+		if _, _, ok := s.Get(ctx, key); ok {
+			t.Fatal("a dead Redis answered")
+		}
+	}
+	if s.BreakerState() != "open" {
+		t.Fatalf("breaker %s after 3 failures, want open", s.BreakerState())
+	}
+	errs := s.Errors.Load()
+	s.Get(ctx, key)
+	if s.BreakerState() != "open" || s.Errors.Load() != errs+1 {
+		t.Fatal("an open breaker still sent the command (or did not count it)")
+	}
+	// A lock cannot be had from a dead Redis: the caller fetches itself.
+	if _, acquired := s.TryLock(ctx, "x"); !acquired {
+		t.Fatal("TryLock with Redis down must let the caller fetch")
+	}
+	rs.Restart()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s.Set(ctx, key, []byte("again"), time.Now().Add(time.Minute))
+		if p, _, ok := s.Get(ctx, key); ok && string(p) == "again" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no recovery after Redis came back; breaker %s", s.BreakerState())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if s.BreakerState() != "closed" {
+		t.Fatalf("breaker %s after recovery", s.BreakerState())
+	}
+}
+
+func TestFleetLockIsExclusiveAndReleased(t *testing.T) {
+	rs := redistest.Start(t)
+	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}}, cache.SharedOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	unlock, ok := s.TryLock(ctx, "fetch")
+	if !ok {
+		t.Fatal("first TryLock failed")
+	}
+	if _, ok := s.TryLock(ctx, "fetch"); ok {
+		t.Fatal("the lock was granted twice")
+	}
+	unlock()
+	if _, ok := s.TryLock(ctx, "fetch"); !ok {
+		t.Fatal("the lock was not released")
+	}
+	if ttl := rs.Client().PTTL(ctx, s.Key("lock:fetch")).Val(); ttl <= 0 || ttl > 5*time.Second {
+		t.Fatalf("lock TTL %v: a dead holder must not block the fleet for long", ttl)
+	}
+}
+
+func TestDenylist(t *testing.T) {
+	rs := redistest.Start(t)
+	newPod := func() *cache.Denylist {
+		s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}}, cache.SharedOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		d := cache.NewDenylist(s, nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		t.Cleanup(cancel)
+		go d.Run(ctx, time.Hour)
+		return d
+	}
+	a := newPod()
+	ctx := context.Background()
+	iss := "https://idp.example"
+	revoked := time.Now().Unix()
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(a.Revoke(ctx, &cachev1.Revocation{Kind: cachev1.Revocation_KIND_TOKEN, Id: cache.Hash("tok-1"), RevokedUnix: revoked}, time.Hour))
+	must(a.Revoke(ctx, &cachev1.Revocation{Kind: cachev1.Revocation_KIND_SUBJECT, Id: cache.Hash(iss, "alice"), RevokedUnix: revoked}, time.Hour))
+
+	// A pod started later loads what is already there.
+	b := newPod()
+	token := func(raw, sub, jti string, iat time.Time) cache.Token {
+		return cache.Token{TokenHash: func() string { return cache.Hash(raw) }, Issuer: iss, Sub: sub, JTI: jti, IAT: iat}
+	}
+	before := time.Unix(revoked-60, 0)
+	for _, d := range []*cache.Denylist{a, b} {
+		eventuallyTrue(t, "revocations loaded", func() bool { return d.Len() == 2 })
+		if kind, ok := d.Revoked(token("tok-1", "bob", "", before)); !ok || kind != "token" {
+			t.Errorf("revoked token passed: %q %v", kind, ok)
+		}
+		if _, ok := d.Revoked(token("tok-2", "alice", "", before)); !ok {
+			t.Error("a token of a revoked subject issued before the revocation passed")
+		}
+		if _, ok := d.Revoked(token("tok-3", "alice", "", time.Time{})); !ok {
+			t.Error("a token of a revoked subject without iat passed")
+		}
+		if _, ok := d.Revoked(token("tok-4", "alice", "", time.Unix(revoked+1, 0))); ok {
+			t.Error("a token issued after the subject's revocation was refused")
+		}
+		if _, ok := d.Revoked(token("tok-5", "bob", "", before)); ok {
+			t.Error("another user's token was refused")
+		}
+	}
+	// A revocation made while b runs reaches it through the nudge.
+	must(a.Revoke(ctx, &cachev1.Revocation{Kind: cachev1.Revocation_KIND_JTI, Id: cache.Hash(iss, "j-9"), RevokedUnix: revoked}, time.Hour))
+	eventuallyTrue(t, "jti revocation reached pod b", func() bool { _, ok := b.Revoked(token("t", "bob", "j-9", before)); return ok })
+	if _, ok := b.Revoked(cache.Token{Issuer: "https://other.example", JTI: "j-9"}); ok {
+		t.Error("a jti revocation spilled over to another issuer")
+	}
+	if ttl := rs.Client().PTTL(ctx, "tokenauthz:v1:deny:2:"+cache.Hash(iss, "j-9")).Val(); ttl < 59*time.Minute || ttl > time.Hour {
+		t.Errorf("revocation TTL in redis %v, want 1h", ttl)
+	}
+	if err := a.Revoke(ctx, &cachev1.Revocation{Kind: cachev1.Revocation_KIND_TOKEN, Id: "short"}, time.Hour); err == nil {
+		t.Error("a malformed revocation was accepted")
+	}
+}
+
+func eventuallyTrue(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within 10s: %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
