@@ -73,7 +73,11 @@ func eventually(t *testing.T, what string, cond func() bool) {
 }
 
 func redisConfig(t *testing.T, rs *redistest.Server, hmacKey string) *cache.RedisConfig {
-	rc := &cache.RedisConfig{Addrs: []string{rs.Addr()}, BreakerCooldown: 300 * time.Millisecond, LockWait: 3 * time.Second}
+	// Generous timeouts: these tests count provider calls, and on a loaded
+	// machine (-race, packages in parallel) a 100ms Redis timeout would turn
+	// a slow answer into a miss and a call. A dead Redis fails fast anyway.
+	rc := &cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second, BreakerCooldown: 300 * time.Millisecond,
+		LockWait: 3 * time.Second}
 	if hmacKey != "" {
 		f := filepath.Join(t.TempDir(), "hmac")
 		if err := os.WriteFile(f, []byte(hmacKey), 0o600); err != nil {
@@ -316,5 +320,48 @@ func TestRedisEntriesExpireWithTheirTTL(t *testing.T) {
 				t.Errorf("redis key %q contains a raw token", k)
 			}
 		}
+	}
+}
+
+// TestProviderCallsSavedByRedis counts provider calls for one workload on
+// four pods, without and with the shared tier: every one of 100 opaque
+// tokens and one JWT is checked on every pod. The figures go in the README.
+func TestProviderCallsSavedByRedis(t *testing.T) {
+	const pods, tokens = 4, 100
+	workload := func(shared bool) (jwks, introspections int64) {
+		f := newIntroFixture(t, "client_secret_basic")
+		var rs *redistest.Server
+		if shared {
+			rs = redistest.Start(t)
+		}
+		var fleet []authv3.AuthorizationClient
+		for range pods {
+			if shared {
+				in := startInstance(t, f.cfg, redisConfig(t, rs, fleetKey))
+				in.waitReady(t)
+				fleet = append(fleet, in.c)
+			} else {
+				fleet = append(fleet, start(t, f.cfg, nil))
+			}
+		}
+		jwt := f.jwt(t)
+		for range tokens {
+			tok := f.opaque(nil)
+			for _, c := range fleet {
+				allowed(t, check(t, c, req{headers: bearer(tok)}))
+				allowed(t, check(t, c, req{headers: bearer(jwt)}))
+			}
+		}
+		return f.idp.JWKSHits.Load(), f.idp.IntrospectionHits.Load()
+	}
+	j0, i0 := workload(false)
+	j1, i1 := workload(true)
+	t.Logf("%d pods, %d tokens each checked on every pod: in-process only: %d key set fetches, %d introspections; with redis: %d, %d",
+		pods, tokens, j0, i0, j1, i1)
+	if i0 != pods*tokens || j0 != pods {
+		t.Errorf("without redis: %d introspections, %d fetches; want %d, %d", i0, j0, pods*tokens, pods)
+	}
+	if i1 != tokens || j1 != 1 {
+		t.Errorf("with redis: %d introspections, %d fetches; want %d, 1", i1, j1, tokens)
 	}
 }

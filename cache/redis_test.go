@@ -84,7 +84,7 @@ func TestRedisConfigValidation(t *testing.T) {
 
 func TestBreakerSkipsADeadRedisAndRecovers(t *testing.T) {
 	rs := redistest.Start(t)
-	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, BreakerFailures: 3, BreakerCooldown: 200 * time.Millisecond}, cache.SharedOptions{})
+	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second, BreakerFailures: 3, BreakerCooldown: 200 * time.Millisecond}, cache.SharedOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +132,7 @@ func TestBreakerSkipsADeadRedisAndRecovers(t *testing.T) {
 
 func TestFleetLockIsExclusiveAndReleased(t *testing.T) {
 	rs := redistest.Start(t)
-	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}}, cache.SharedOptions{})
+	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second}, cache.SharedOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestFleetLockIsExclusiveAndReleased(t *testing.T) {
 func TestDenylist(t *testing.T) {
 	rs := redistest.Start(t)
 	newPod := func() *cache.Denylist {
-		s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}}, cache.SharedOptions{})
+		s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second}, cache.SharedOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}

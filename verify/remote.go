@@ -96,7 +96,7 @@ func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
 	if failedRecently {
 		return nil, unavailable("keys of issuer "+r.issuer+" are unavailable", lastErr)
 	}
-	ks, err := r.fetchShared(ctx)
+	ks, err := r.fetchShared(ctx, false)
 	if err != nil {
 		return nil, unavailable("keys of issuer "+r.issuer+" are unavailable", err)
 	}
@@ -112,7 +112,7 @@ func (r *remoteKeys) refetch(ctx context.Context) *keySet {
 		}
 		r.lastRefetchAt = r.now()
 		r.mu.Unlock()
-		ks, _ := r.fetchShared(context.Background())
+		ks, _ := r.fetchShared(context.Background(), true)
 		if ks == nil {
 			ks = r.cur.Load()
 		}
@@ -132,8 +132,20 @@ func (r *remoteKeys) refetch(ctx context.Context) *keySet {
 // a fresh set another pod fetched is taken from Redis instead, and of the
 // pods that need a fetch at once only the one holding the fleet lock calls
 // the provider while the others wait for its result.
-func (r *remoteKeys) fetchShared(ctx context.Context) (*keySet, error) {
-	ch := r.flights.DoChan("fetch", func() (any, error) {
+//
+// forced is for an unknown kid: fetch even if the set held is fresh. An
+// unforced fetch with a fresh set in hand (another path, such as a pub/sub
+// nudge, installed it meanwhile) returns that set. The two kinds run in
+// separate flights, so a kid refetch never joins a fetch that skipped.
+func (r *remoteKeys) fetchShared(ctx context.Context, forced bool) (*keySet, error) {
+	flight := "fetch"
+	if forced {
+		flight = "fetch-forced"
+	}
+	ch := r.flights.DoChan(flight, func() (any, error) {
+		if cur := r.cur.Load(); !forced && cur != nil && r.now().Before(cur.refreshAt) {
+			return cur, nil
+		}
 		if ks := r.adoptShared(); ks != nil {
 			return ks, nil
 		}
@@ -298,7 +310,7 @@ func (r *remoteKeys) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		_, _ = r.fetchShared(ctx)
+		_, _ = r.fetchShared(ctx, false)
 	}
 }
 

@@ -85,7 +85,7 @@ func TestFleetWideRevocation(t *testing.T) {
 	cfg := fmt.Sprintf(`
 server: { admin_token_file: %s }
 cache:
-  redis: { addrs: ["%s"] }
+  redis: { addrs: ["%s"], timeout: 2s }
 issuers:
   - { name: main, issuer: "%s", audiences: [api], jwks_uri: "%s", algorithms: [ES256] }
 routes:
