@@ -10,6 +10,7 @@ import (
 	"net"
 	"os/exec"
 	"strconv"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,9 +27,17 @@ type Server struct {
 	done chan struct{}
 }
 
+type quiet struct{}
+
+func (quiet) Printf(context.Context, string, ...any) {}
+
+var silence sync.Once
+
 // Start runs redis-server on a free port until the test ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	// go-redis logs every failed dial itself; tests kill Redis on purpose.
+	silence.Do(func() { redis.SetLogger(quiet{}) })
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Fatalf("redistest: redis-server is not on PATH (.ci/run installs it; locally: apt-get install redis-server): %v", err)
 	}
