@@ -263,7 +263,7 @@ func TestIntrospectionProviderFailuresAre503(t *testing.T) {
 		{"oversized response", func(f *introFixture) {
 			f.idp.ForceReply(200, []byte(`{"active":true,"pad":"`+strings.Repeat("x", 5000)+`"}`))
 		}, "too large"},
-		{"timeout", func(f *introFixture) { f.idp.SetDelay(3 * time.Second) }, "Timeout"},
+		{"timeout", func(f *introFixture) { f.idp.SetDelay(3 * time.Second) }, "no answer within the 1s timeout"},
 		{"redirect", func(f *introFixture) { f.idp.ForceReply(http.StatusFound, nil) }, "HTTP 302"},
 	}
 	for _, tc := range cases {

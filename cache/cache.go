@@ -173,8 +173,8 @@ func (c *Cache[V]) Get(ctx context.Context, key string, load Loader[V]) (v V, sr
 			if !acquired {
 				// Another pod is loading: wait for its result; a holder that
 				// died or failed costs this wait, then we load ourselves.
-				accept := func(p []byte, exp time.Time) bool { _, ok := c.fromShared(p, exp, true); return ok }
-				if v, ok := c.fromShared(c.shared.WaitFor(lctx, rkey, accept)); ok {
+				var v decoded[V]
+				if c.shared.Await(lctx, func() (ok bool) { v, ok = c.fromShared(c.shared.Get(lctx, rkey)); return ok }) {
 					c.Set(key, v.v, v.ttl)
 					return result{v.v, FromRedis}, nil
 				}

@@ -411,22 +411,23 @@ func (s *Shared) TryLock(ctx context.Context, name string) (unlock func(), acqui
 	}, true
 }
 
-// WaitFor polls key while another pod holds the fetch lock, until check
-// accepts what it reads or LockWait passes. It returns the accepted payload.
-func (s *Shared) WaitFor(ctx context.Context, key string, check func(payload []byte, expires time.Time) bool) ([]byte, time.Time, bool) {
+// Await polls done, with a growing pause, while another pod holds the
+// fetch lock, until done reports the holder's result arrived, LockWait
+// passes, or the breaker opens. It reports whether done did.
+func (s *Shared) Await(ctx context.Context, done func() bool) bool {
 	deadline := time.Now().Add(s.lockWait)
 	for wait := 5 * time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
-		if p, exp, ok := s.Get(ctx, key); ok && check(p, exp) {
-			return p, exp, true
+		if done() {
+			return true
 		}
 		if s.br.State() == gobreaker.StateOpen || time.Now().Add(wait).After(deadline) {
-			return nil, time.Time{}, false
+			return false
 		}
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, time.Time{}, false
+			return false
 		case <-t.C:
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -219,6 +220,10 @@ func (ui *userinfoClient) fetch(ctx context.Context, raw string) (*providerAnswe
 func (e *endpoint) do(req *http.Request) (body []byte, status int, ctype string, err error) {
 	resp, err := e.client.Do(req)
 	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) && ue.Timeout() {
+			return nil, 0, "", fmt.Errorf("%s %s: no answer within the %v timeout", req.Method, req.URL.Redacted(), e.client.Timeout)
+		}
 		// url.Error names the method and URL and the cause; the token is in
 		// the body or a header, never in the URL.
 		return nil, 0, "", err
@@ -304,34 +309,48 @@ func answerKey(kind string, is *Issuer, tk tokenKey) string {
 
 // introspect asks (or recalls) the issuer's introspection endpoint about a
 // token.
-func (v *Verifier) introspect(ctx context.Context, is *Issuer, raw string, tk tokenKey) (*providerAnswer, error) {
-	in := is.introspection
-	a, _, err := v.answers.Get(ctx, answerKey("introspection", is, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
-		a, err := in.introspect(ctx, raw)
-		if err != nil {
-			return nil, 0, err
-		}
-		return a, in.cacheTTL(a, a.exp, v.now()), nil
+func (v *Verifier) introspect(ctx context.Context, is *Issuer, raw string, tk tokenKey) (*providerAnswer, cache.Source, error) {
+	return v.ask(ctx, is.introspection.endpoint, tk, time.Time{}, func(ctx context.Context) (*providerAnswer, error) {
+		return is.introspection.introspect(ctx, raw)
 	})
-	if err != nil {
-		return nil, AsError(err)
-	}
-	return a, nil
 }
 
 // userinfo asks (or recalls) the issuer's userinfo endpoint about a token
 // that expires at exp.
 func (v *Verifier) userinfo(ctx context.Context, is *Issuer, raw string, tk tokenKey, exp time.Time) (*providerAnswer, error) {
-	ui := is.userinfo
-	a, _, err := v.answers.Get(ctx, answerKey("userinfo", is, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
-		a, err := ui.fetch(ctx, raw)
+	a, _, err := v.ask(ctx, is.userinfo.endpoint, tk, exp, func(ctx context.Context) (*providerAnswer, error) {
+		return is.userinfo.fetch(ctx, raw)
+	})
+	return a, err
+}
+
+// ask returns e's answer about a token from the cache, or calls e. exp is
+// the token's expiry when known (the answer's own exp counts otherwise).
+func (v *Verifier) ask(ctx context.Context, e *endpoint, tk tokenKey, exp time.Time,
+	call func(context.Context) (*providerAnswer, error)) (a *providerAnswer, src cache.Source, err error) {
+	ctx, span := v.tel.start(ctx, "tokenauthz."+e.kind, attribute.String("tokenauthz.issuer", e.issuer.name))
+	defer func() {
+		if err == nil {
+			span.SetAttributes(attribute.String("tokenauthz.source", string(src)), attribute.Bool("tokenauthz.active", a.ok))
+			v.tel.obs.AnswerServed(e.kind, src)
+		}
+		end(span, err)
+	}()
+	a, src, err = v.answers.Get(ctx, answerKey(e.kind, e.issuer, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
+		start := time.Now()
+		a, err := call(ctx)
+		v.tel.obs.ProviderCalled(e.issuer.name, e.kind, time.Since(start), err)
 		if err != nil {
 			return nil, 0, err
 		}
-		return a, ui.cacheTTL(a, exp, v.now()), nil
+		until := exp
+		if until.IsZero() {
+			until = a.exp
+		}
+		return a, e.cacheTTL(a, until, v.now()), nil
 	})
 	if err != nil {
-		return nil, AsError(err)
+		return nil, "", AsError(err)
 	}
-	return a, nil
+	return a, src, nil
 }

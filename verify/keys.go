@@ -13,6 +13,8 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
+
+	"github.com/tokenauthz/tokenauthz/cache"
 )
 
 type keyType int
@@ -100,7 +102,8 @@ type keySet struct {
 	// refreshAt+MaxStale if refreshes fail.
 	refreshAt time.Time
 	skipped   int    // keys in the document that cannot verify (enc, weak, oct, …)
-	doc       []byte // the JWKS document, shared with other pods through Redis
+	doc       []byte       // the JWKS document, shared with other pods through Redis
+	src       cache.Source // where it was loaded from
 }
 
 func (s *keySet) hasKid(kid string) bool {

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/sync/singleflight"
 	"google.golang.org/protobuf/proto"
 
@@ -32,6 +33,8 @@ type keySource interface {
 	refetch(ctx context.Context) *keySet
 	// loaded reports whether keys were ever loaded.
 	loaded() bool
+	// current is the set held now (nil if none), without loading.
+	current() *keySet
 	// run refreshes in the background until ctx ends.
 	run(ctx context.Context)
 }
@@ -42,6 +45,7 @@ type staticKeys struct{ set *keySet }
 func (s staticKeys) keys(context.Context) (*keySet, error) { return s.set, nil }
 func (s staticKeys) refetch(context.Context) *keySet       { return s.set }
 func (s staticKeys) loaded() bool                          { return true }
+func (s staticKeys) current() *keySet                      { return s.set }
 func (s staticKeys) run(context.Context)                   {}
 
 // remoteKeys fetches a JWKS over HTTP, either from a fixed URL or from the
@@ -66,6 +70,8 @@ type remoteKeys struct {
 	// this key set there.
 	shared     *cache.Shared
 	sharedName string
+	tel        *telemetry
+	issuerName string
 	// Fetch counts requests made to the identity provider (discovery and
 	// JWKS), for tests and metrics.
 	fetches atomic.Int64
@@ -77,7 +83,8 @@ type remoteKeys struct {
 	lastRefetchAt time.Time // last unknown-kid refetch
 }
 
-func (r *remoteKeys) loaded() bool { return r.cur.Load() != nil }
+func (r *remoteKeys) loaded() bool      { return r.cur.Load() != nil }
+func (r *remoteKeys) current() *keySet { return r.cur.Load() }
 
 func (r *remoteKeys) usable(ks *keySet) bool {
 	return ks != nil && r.now().Before(ks.refreshAt.Add(r.cfg.MaxStale))
@@ -112,7 +119,7 @@ func (r *remoteKeys) refetch(ctx context.Context) *keySet {
 		}
 		r.lastRefetchAt = r.now()
 		r.mu.Unlock()
-		ks, _ := r.fetchShared(context.Background(), true)
+		ks, _ := r.fetchShared(context.WithoutCancel(ctx), true)
 		if ks == nil {
 			ks = r.cur.Load()
 		}
@@ -142,31 +149,47 @@ func (r *remoteKeys) fetchShared(ctx context.Context, forced bool) (*keySet, err
 	if forced {
 		flight = "fetch-forced"
 	}
+	// The flight outlives a caller that gives up, but keeps its trace.
+	fctx := context.WithoutCancel(ctx)
 	ch := r.flights.DoChan(flight, func() (any, error) {
-		if cur := r.cur.Load(); !forced && cur != nil && r.now().Before(cur.refreshAt) {
-			return cur, nil
+		// have returns a set that makes the fetch unnecessary: for an
+		// unforced fetch, a fresh set held (a pub/sub nudge or resync may
+		// install one at any moment); else a fresh set in Redis newer than
+		// the one held.
+		have := func(ctx context.Context) *keySet {
+			if cur := r.cur.Load(); !forced && cur != nil && r.now().Before(cur.refreshAt) {
+				return cur
+			}
+			return r.adoptShared(ctx)
 		}
-		if ks := r.adoptShared(); ks != nil {
+		if ks := have(fctx); ks != nil {
 			return ks, nil
 		}
+		ctx, span := r.tel.start(fctx, "tokenauthz.keys.fetch", attribute.String("tokenauthz.issuer", r.issuerName),
+			attribute.Bool("tokenauthz.forced", forced))
+		defer span.End()
 		if r.shared != nil {
-			unlock, acquired := r.shared.TryLock(context.Background(), r.sharedName)
+			unlock, acquired := r.shared.TryLock(ctx, r.sharedName)
 			if !acquired {
-				if ks := r.waitShared(); ks != nil {
+				if ks := r.waitShared(ctx, have); ks != nil {
+					span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromRedis)))
 					return ks, nil
 				}
 			} else {
 				defer unlock()
 				// The previous holder may have published just before
 				// releasing the lock we now hold.
-				if ks := r.adoptShared(); ks != nil {
+				if ks := have(ctx); ks != nil {
+					span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromRedis)))
 					return ks, nil
 				}
 			}
 		}
-		fctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
+		span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromOrigin)))
+		hctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 		defer cancel()
-		ks, err := r.fetch(fctx)
+		ks, err := r.fetch(hctx)
+		r.tel.obs.KeySetFetched(r.issuerName, err)
 		r.mu.Lock()
 		if err != nil {
 			r.lastFailAt, r.lastFailErr = r.now(), err
@@ -176,10 +199,11 @@ func (r *remoteKeys) fetchShared(ctx context.Context, forced bool) (*keySet, err
 		r.mu.Unlock()
 		if err != nil {
 			r.log.Warn("key set fetch failed", "issuer", r.issuer, "error", err)
+			end(span, err)
 			return nil, err
 		}
 		r.install(ks)
-		r.publish(ks)
+		r.publish(ctx, ks)
 		return ks, nil
 	})
 	select {
@@ -203,7 +227,7 @@ func (r *remoteKeys) install(ks *keySet) {
 
 // publish writes a set this pod fetched to Redis, where it lives as long as
 // it may serve (refresh time plus max_stale), and nudges the other pods.
-func (r *remoteKeys) publish(ks *keySet) {
+func (r *remoteKeys) publish(ctx context.Context, ks *keySet) {
 	if r.shared == nil {
 		return
 	}
@@ -212,7 +236,6 @@ func (r *remoteKeys) publish(ks *keySet) {
 	if err != nil {
 		return
 	}
-	ctx := context.Background()
 	r.shared.Set(ctx, r.sharedKey(), p, ks.refreshAt.Add(r.cfg.MaxStale))
 	_ = r.shared.Publish(ctx, keysChannel, r.sharedName)
 }
@@ -230,11 +253,11 @@ func (r *remoteKeys) newerShared(ks *keySet) bool {
 
 // adoptShared installs the Redis snapshot if it is fresh and newer than the
 // set held, and returns it; nil otherwise.
-func (r *remoteKeys) adoptShared() *keySet {
+func (r *remoteKeys) adoptShared(ctx context.Context) *keySet {
 	if r.shared == nil {
 		return nil
 	}
-	ks := r.decodeShared(r.shared.Get(context.Background(), r.sharedKey()))
+	ks := r.decodeShared(r.shared.Get(ctx, r.sharedKey()))
 	if ks == nil || !r.newerShared(ks) {
 		return nil
 	}
@@ -242,17 +265,10 @@ func (r *remoteKeys) adoptShared() *keySet {
 	return ks
 }
 
-// waitShared waits (bounded by lock_wait) for the lock holder's snapshot.
-func (r *remoteKeys) waitShared() *keySet {
-	var got *keySet
-	accept := func(p []byte, exp time.Time) bool {
-		got = r.decodeShared(p, exp, true)
-		return got != nil && r.newerShared(got)
-	}
-	if _, _, ok := r.shared.WaitFor(context.Background(), r.sharedKey(), accept); !ok {
-		return nil
-	}
-	r.install(got)
+// waitShared waits (bounded by lock_wait) for the lock holder's result:
+// until have finds a set.
+func (r *remoteKeys) waitShared(ctx context.Context, have func(context.Context) *keySet) (got *keySet) {
+	r.shared.Await(ctx, func() bool { got = have(ctx); return got != nil })
 	return got
 }
 
@@ -273,6 +289,7 @@ func (r *remoteKeys) decodeShared(p []byte, _ time.Time, ok bool) *keySet {
 	}
 	ks.fetchedAt = time.Unix(0, snap.GetFetchedUnixNano())
 	ks.refreshAt = time.Unix(0, snap.GetRefreshUnixNano())
+	ks.src = cache.FromRedis
 	return ks
 }
 
@@ -340,6 +357,7 @@ func (r *remoteKeys) fetch(ctx context.Context) (*keySet, error) {
 	now := r.now()
 	ks.fetchedAt = now
 	ks.refreshAt = now.Add(r.refreshAfter(hdr))
+	ks.src = cache.FromOrigin
 	return ks, nil
 }
 

@@ -12,6 +12,10 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/tokenauthz/tokenauthz/cache"
 )
 
@@ -29,6 +33,12 @@ type Options struct {
 	// Shared is the fleet's Redis tier for key sets and answers; nil keeps
 	// everything in process.
 	Shared *cache.Shared
+	// TracerProvider and Propagator for spans and for the trace context
+	// sent to providers. Default: the otel globals.
+	TracerProvider trace.TracerProvider
+	Propagator     propagation.TextMapPropagator
+	// Observer receives events for metrics. Default: none.
+	Observer Observer
 }
 
 // Verifier verifies JWTs for a fixed set of issuers. It is safe for
@@ -39,6 +49,7 @@ type Verifier struct {
 	now     func() time.Time
 	answers *answers
 	shared  *cache.Shared
+	tel     *telemetry
 }
 
 // Issuer is one configured issuer with its key source.
@@ -53,6 +64,7 @@ type Issuer struct {
 
 	introspection *introspector   // nil unless configured
 	userinfo      *userinfoClient // nil unless configured
+	tel           *telemetry
 }
 
 // Name is the configured issuer name.
@@ -71,7 +83,12 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	v := &Verifier{byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
+	tel := newTelemetry(o)
+	if o.HTTPClient == nil {
+		o.HTTPClient = &http.Client{}
+	}
+	o.HTTPClient = &http.Client{Transport: tel.transport(o.HTTPClient.Transport)}
+	v := &Verifier{tel: tel, byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
 		answers: cache.New(cache.Options{MaxBytes: o.CacheMaxBytes, Now: o.Now}, answerSize), shared: o.Shared}
 	if o.Shared != nil {
 		v.answers.Share(o.Shared, "answer:", answerCodec)
@@ -87,7 +104,7 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 		if _, dup := v.byIss[c.Issuer]; dup {
 			return nil, fmt.Errorf("verify: issuer %q configured twice", c.Issuer)
 		}
-		is, err := newIssuer(c, o)
+		is, err := newIssuer(c, o, tel)
 		if err != nil {
 			return nil, fmt.Errorf("verify: issuer %q: %w", c.Name, err)
 		}
@@ -97,8 +114,8 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 	return v, nil
 }
 
-func newIssuer(c IssuerConfig, o Options) (*Issuer, error) {
-	is := &Issuer{cfg: c, name: c.Name, leeway: c.leeway(), algs: map[string]algSpec{}, auds: map[string]struct{}{}}
+func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
+	is := &Issuer{tel: tel, cfg: c, name: c.Name, leeway: c.leeway(), algs: map[string]algSpec{}, auds: map[string]struct{}{}}
 	for _, a := range c.Algorithms {
 		is.algs[a] = algorithms[a]
 	}
@@ -117,7 +134,7 @@ func newIssuer(c IssuerConfig, o Options) (*Issuer, error) {
 			issuer: c.Issuer, jwksURI: c.JWKSURI, discovery: c.Discovery, cfg: keys,
 			client: newHTTPClient(o.HTTPClient, keys.Timeout),
 			log:    o.Logger.With("issuer_name", c.Name), now: o.Now,
-			shared: o.Shared, sharedName: sharedKeySetName(c),
+			shared: o.Shared, sharedName: sharedKeySetName(c), tel: tel, issuerName: c.Name,
 		}
 	case c.JWKSFile != "" || c.JWKS != "":
 		b := []byte(c.JWKS)
@@ -168,7 +185,7 @@ func (v *Verifier) Start(ctx context.Context) {
 func (v *Verifier) keySetNudged(name string) {
 	for _, is := range v.byName {
 		if rk, ok := is.src.(*remoteKeys); ok && rk.sharedName == name {
-			rk.adoptShared()
+			rk.adoptShared(context.Background())
 		}
 	}
 }
@@ -177,7 +194,7 @@ func (v *Verifier) keySetNudged(name string) {
 func (v *Verifier) resyncKeySets() {
 	for _, is := range v.byName {
 		if rk, ok := is.src.(*remoteKeys); ok {
-			rk.adoptShared()
+			rk.adoptShared(context.Background())
 		}
 	}
 }
@@ -219,6 +236,9 @@ type Result struct {
 	Expiry time.Time
 	// Kind is KindJWT or KindOpaque.
 	Kind string
+	// KeySource and AnswerSource say where this request's keys and
+	// introspection answer came from (memory, redis, origin); "" if unused.
+	KeySource, AnswerSource cache.Source
 }
 
 // Token kinds, for Result.Kind.
@@ -273,10 +293,11 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 				return nil, unavailable("issuer "+res.Issuer.name+" has no introspection endpoint", nil)
 			}
 			tk = hashToken(raw)
-			a, err := v.introspect(ctx, res.Issuer, raw, tk)
+			a, src, err := v.introspect(ctx, res.Issuer, raw, tk)
 			if err != nil {
 				return nil, err
 			}
+			res.AnswerSource = src
 			if !a.ok {
 				return nil, invalid("inactive", "token is not active (revoked or expired at the issuer)")
 			}
@@ -317,14 +338,15 @@ func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) 
 	if !slices.Contains(allowed, is.name) {
 		return nil, invalid("issuer_not_allowed", "token issuer is not accepted for this route")
 	}
-	if err := is.verifySignature(ctx, t); err != nil {
+	src, err := is.verifySignature(ctx, t)
+	if err != nil {
 		return nil, err
 	}
 	exp, err := is.checkClaims(t.claims, v.now(), false)
 	if err != nil {
 		return nil, err
 	}
-	return &Result{Issuer: is, Claims: t.claims, Expiry: exp, Kind: KindJWT}, nil
+	return &Result{Issuer: is, Claims: t.claims, Expiry: exp, Kind: KindJWT, KeySource: src}, nil
 }
 
 // introspectOpaque asks the accepted issuers that have an introspection
@@ -340,7 +362,7 @@ func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey
 			continue
 		}
 		asked = true
-		a, err := v.introspect(ctx, is, raw, tk)
+		a, src, err := v.introspect(ctx, is, raw, tk)
 		if err != nil {
 			// Another issuer may still say active; if none does, this
 			// failure means no decision was possible.
@@ -359,7 +381,7 @@ func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey
 		if err != nil {
 			return nil, err
 		}
-		return &Result{Issuer: is, Claims: a.claims, Expiry: exp, Kind: KindOpaque}, nil
+		return &Result{Issuer: is, Claims: a.claims, Expiry: exp, Kind: KindOpaque, AnswerSource: src}, nil
 	}
 	switch {
 	case failed != nil:
@@ -394,35 +416,32 @@ func (v *Verifier) enrich(ctx context.Context, res *Result, raw string, tk token
 	return nil
 }
 
-func (is *Issuer) verifySignature(ctx context.Context, t *jwt) error {
+// verifySignature checks t's signature with the issuer's keys and says
+// where the keys came from for this request.
+func (is *Issuer) verifySignature(ctx context.Context, t *jwt) (cache.Source, error) {
 	spec, ok := is.algs[t.alg]
 	if !ok {
-		return invalid("alg_not_allowed", "token algorithm "+truncate(t.alg, 16)+" is not allowed for this issuer")
+		return "", invalid("alg_not_allowed", "token algorithm "+truncate(t.alg, 16)+" is not allowed for this issuer")
 	}
 	if want := is.cfg.TokenType; want != "" && !typeMatches(t.typ, want) {
-		return invalid("wrong_type", "token type must be "+want)
+		return "", invalid("wrong_type", "token type must be "+want)
 	}
 	if spec.kty == ktyOct {
 		// The one shared secret; a kid on an HMAC token selects nothing.
 		if spec.verifier.Verify([]byte(t.signingInput), t.signature, is.hmacKey.raw) != nil {
-			return invalid("bad_signature", "token signature is invalid")
+			return cache.FromMemory, invalid("bad_signature", "token signature is invalid")
 		}
-		return nil
+		return cache.FromMemory, nil
 	}
 	if is.src == nil {
-		return invalid("alg_not_allowed", "issuer has no key set for "+t.alg)
+		return "", invalid("alg_not_allowed", "issuer has no key set for "+t.alg)
 	}
-	ks, err := is.src.keys(ctx)
+	ks, src, err := is.lookupKeys(ctx, t.kid)
 	if err != nil {
-		return err
+		return "", err
 	}
-	if t.kid != "" && !ks.hasKid(t.kid) {
-		// Maybe the issuer rotated: look again, at most once per interval.
-		ks = is.src.refetch(ctx)
-		if ks == nil || !ks.hasKid(t.kid) {
-			return invalid("unknown_kid", "token key id is not in the issuer's key set")
-		}
-	}
+	_, span := is.tel.start(ctx, "tokenauthz.verify.signature", attribute.String("jwt.alg", t.alg))
+	defer span.End()
 	tried := false
 	for i := range ks.keys {
 		k := &ks.keys[i]
@@ -431,13 +450,41 @@ func (is *Issuer) verifySignature(ctx context.Context, t *jwt) error {
 		}
 		tried = true
 		if spec.verifier.Verify([]byte(t.signingInput), t.signature, k.raw) == nil {
-			return nil
+			return src, nil
 		}
 	}
 	if !tried {
-		return invalid("key_mismatch", "no key of the issuer fits the token's algorithm and key id")
+		return src, invalid("key_mismatch", "no key of the issuer fits the token's algorithm and key id")
 	}
-	return invalid("bad_signature", "token signature is invalid")
+	return src, invalid("bad_signature", "token signature is invalid")
+}
+
+// lookupKeys returns the issuer's key set holding kid (when the token names
+// one), refetching at most once per interval for an unknown kid.
+func (is *Issuer) lookupKeys(ctx context.Context, kid string) (ks *keySet, src cache.Source, err error) {
+	ctx, span := is.tel.start(ctx, "tokenauthz.keys.lookup", attribute.String("tokenauthz.issuer", is.name))
+	held := is.src.current()
+	defer func() {
+		// A set other than the one held before was loaded for this request.
+		src = cache.FromMemory
+		if ks != nil && ks != held {
+			src = ks.src
+		}
+		span.SetAttributes(attribute.String("tokenauthz.source", string(src)))
+		end(span, err)
+	}()
+	if ks, err = is.src.keys(ctx); err != nil {
+		return nil, "", err
+	}
+	if kid != "" && !ks.hasKid(kid) {
+		// Maybe the issuer rotated: look again, at most once per interval.
+		span.AddEvent("unknown kid: refetch")
+		ks = is.src.refetch(ctx)
+		if ks == nil || !ks.hasKid(kid) {
+			return nil, "", invalid("unknown_kid", "token key id is not in the issuer's key set")
+		}
+	}
+	return ks, "", nil
 }
 
 // checkClaims applies the issuer's claim rules. For an introspection answer
