@@ -101,7 +101,7 @@ type keySet struct {
 	// refreshAt is when the set should be refreshed; it keeps serving until
 	// refreshAt+MaxStale if refreshes fail.
 	refreshAt time.Time
-	skipped   int    // keys in the document that cannot verify (enc, weak, oct, …)
+	skipped   int          // keys in the document that cannot verify (enc, weak, oct, …)
 	doc       []byte       // the JWKS document, shared with other pods through Redis
 	src       cache.Source // where it was loaded from
 }

@@ -83,7 +83,7 @@ type remoteKeys struct {
 	lastRefetchAt time.Time // last unknown-kid refetch
 }
 
-func (r *remoteKeys) loaded() bool      { return r.cur.Load() != nil }
+func (r *remoteKeys) loaded() bool     { return r.cur.Load() != nil }
 func (r *remoteKeys) current() *keySet { return r.cur.Load() }
 
 func (r *remoteKeys) usable(ks *keySet) bool {

@@ -28,7 +28,7 @@ type Observer interface {
 
 type nopObserver struct{}
 
-func (nopObserver) KeySetFetched(string, error)                           {}
+func (nopObserver) KeySetFetched(string, error)                         {}
 func (nopObserver) ProviderCalled(string, string, time.Duration, error) {}
 func (nopObserver) AnswerServed(string, cache.Source)                   {}
 
