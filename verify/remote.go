@@ -30,7 +30,9 @@ type keySource interface {
 	// refetch is called when a token names a kid that the set lacks. It may
 	// fetch again (at most once per MinRefreshInterval, shared by concurrent
 	// callers) and returns the set to look in.
-	refetch(ctx context.Context) *keySet
+	//
+	// seen is the set the caller looked in: any other set is newer news.
+	refetch(ctx context.Context, seen *keySet) *keySet
 	// loaded reports whether keys were ever loaded.
 	loaded() bool
 	// current is the set held now (nil if none), without loading.
@@ -42,11 +44,11 @@ type keySource interface {
 // staticKeys never change: inline or file key sets and HMAC secrets.
 type staticKeys struct{ set *keySet }
 
-func (s staticKeys) keys(context.Context) (*keySet, error) { return s.set, nil }
-func (s staticKeys) refetch(context.Context) *keySet       { return s.set }
-func (s staticKeys) loaded() bool                          { return true }
-func (s staticKeys) current() *keySet                      { return s.set }
-func (s staticKeys) run(context.Context)                   {}
+func (s staticKeys) keys(context.Context) (*keySet, error)    { return s.set, nil }
+func (s staticKeys) refetch(context.Context, *keySet) *keySet { return s.set }
+func (s staticKeys) loaded() bool                             { return true }
+func (s staticKeys) current() *keySet                         { return s.set }
+func (s staticKeys) run(context.Context)                      {}
 
 // remoteKeys fetches a JWKS over HTTP, either from a fixed URL or from the
 // jwks_uri of the issuer's OIDC discovery document.
@@ -103,14 +105,14 @@ func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
 	if failedRecently {
 		return nil, unavailable("keys of issuer "+r.issuer+" are unavailable", lastErr)
 	}
-	ks, err := r.fetchShared(ctx, false)
+	ks, err := r.fetchShared(ctx, nil)
 	if err != nil {
 		return nil, unavailable("keys of issuer "+r.issuer+" are unavailable", err)
 	}
 	return ks, nil
 }
 
-func (r *remoteKeys) refetch(ctx context.Context) *keySet {
+func (r *remoteKeys) refetch(ctx context.Context, seen *keySet) *keySet {
 	ch := r.flights.DoChan("refetch", func() (any, error) {
 		r.mu.Lock()
 		if !r.lastRefetchAt.IsZero() && r.now().Sub(r.lastRefetchAt) < r.cfg.MinRefreshInterval {
@@ -119,7 +121,7 @@ func (r *remoteKeys) refetch(ctx context.Context) *keySet {
 		}
 		r.lastRefetchAt = r.now()
 		r.mu.Unlock()
-		ks, _ := r.fetchShared(context.WithoutCancel(ctx), true)
+		ks, _ := r.fetchShared(context.WithoutCancel(ctx), seen)
 		if ks == nil {
 			ks = r.cur.Load()
 		}
@@ -140,11 +142,14 @@ func (r *remoteKeys) refetch(ctx context.Context) *keySet {
 // pods that need a fetch at once only the one holding the fleet lock calls
 // the provider while the others wait for its result.
 //
-// forced is for an unknown kid: fetch even if the set held is fresh. An
-// unforced fetch with a fresh set in hand (another path, such as a pub/sub
-// nudge, installed it meanwhile) returns that set. The two kinds run in
-// separate flights, so a kid refetch never joins a fetch that skipped.
-func (r *remoteKeys) fetchShared(ctx context.Context, forced bool) (*keySet, error) {
+// seen is set for an unknown kid: the set the caller looked in. The fetch
+// then happens even if that set is fresh, unless another set has been
+// installed meanwhile. Otherwise (seen nil) a fresh set in hand makes the
+// fetch unnecessary: another path, such as a pub/sub nudge, installed it.
+// The two kinds run in separate flights, so a kid refetch never joins a
+// fetch that skipped.
+func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, error) {
+	forced := seen != nil
 	flight := "fetch"
 	if forced {
 		flight = "fetch-forced"
@@ -157,7 +162,11 @@ func (r *remoteKeys) fetchShared(ctx context.Context, forced bool) (*keySet, err
 		// install one at any moment); else a fresh set in Redis newer than
 		// the one held.
 		have := func(ctx context.Context) *keySet {
-			if cur := r.cur.Load(); !forced && cur != nil && r.now().Before(cur.refreshAt) {
+			cur := r.cur.Load()
+			switch {
+			case forced && cur != nil && cur != seen:
+				return cur
+			case !forced && cur != nil && r.now().Before(cur.refreshAt):
 				return cur
 			}
 			return r.adoptShared(ctx)
@@ -327,7 +336,7 @@ func (r *remoteKeys) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		_, _ = r.fetchShared(ctx, false)
+		_, _ = r.fetchShared(ctx, nil)
 	}
 }
 

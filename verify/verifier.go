@@ -479,7 +479,7 @@ func (is *Issuer) lookupKeys(ctx context.Context, kid string) (ks *keySet, src c
 	if kid != "" && !ks.hasKid(kid) {
 		// Maybe the issuer rotated: look again, at most once per interval.
 		span.AddEvent("unknown kid: refetch")
-		ks = is.src.refetch(ctx)
+		ks = is.src.refetch(ctx, ks)
 		if ks == nil || !ks.hasKid(kid) {
 			return nil, "", invalid("unknown_kid", "token key id is not in the issuer's key set")
 		}
