@@ -7,11 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"runtime/debug"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/verify"
@@ -30,6 +33,7 @@ type Server struct {
 	state    atomic.Pointer[state]
 	log      *slog.Logger
 	denylist Denylist
+	obs      Observability
 }
 
 // Denylist answers whether a verified token has been revoked (by token,
@@ -52,6 +56,7 @@ func NewServer(cfg *Config, v TokenVerifier, log *slog.Logger) (*Server, error) 
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{log: log}
+	s.Observe(Observability{})
 	if err := s.Swap(cfg, v); err != nil {
 		return nil, err
 	}
@@ -75,19 +80,23 @@ func (s *Server) Swap(cfg *Config, v TokenVerifier) error {
 // Check decides one request. It never returns a gRPC error: denials are
 // responses, and so is a recovered panic (denied with 500).
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *authv3.CheckResponse, err error) {
+	start := time.Now()
 	st := s.state.Load()
 	h := req.GetAttributes().GetRequest().GetHttp()
-	var d *decision
+	ctx, span := s.obs.startSpan(ctx, h)
+	var (
+		d     *decision
+		token string
+	)
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.Error("check panicked", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
 			d = errInternal()
 			resp, err = d.response(st.pol, nil, nil), nil
 		}
+		s.report(ctx, span, d, token, time.Since(start))
 	}()
-	var token string
 	d, token = s.decide(ctx, st, req)
-	s.logDecision(d, token)
 	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()), nil
 }
 
@@ -173,21 +182,32 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 	return &decision{allow: true, reason: "ok", route: r, result: res}, token
 }
 
-func (s *Server) logDecision(d *decision, token string) {
-	if d.allow {
+// report ends the decision's span, counts it and logs it: every deny, and
+// the configured fraction of allows.
+func (s *Server) report(ctx context.Context, span trace.Span, d *decision, token string, took time.Duration) {
+	info := d.info(took)
+	s.obs.endSpan(span, d, info)
+	s.obs.Observer.Decision(info)
+	if d.allow && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
 		return
 	}
 	attrs := []slog.Attr{slog.String("reason", d.reason), slog.Int("status", int(d.httpStatus))}
-	if d.route != nil {
-		attrs = append(attrs, slog.String("route", d.route.name))
+	if d.allow {
+		attrs[1] = slog.Int("status", 200)
 	}
-	if d.result != nil {
-		attrs = append(attrs, slog.String("issuer", d.result.Issuer.Name()))
+	if info.Route != "" {
+		attrs = append(attrs, slog.String("route", info.Route))
+	}
+	if info.Issuer != "" {
+		attrs = append(attrs, slog.String("issuer", info.Issuer))
+	}
+	if sc := span.SpanContext(); sc.HasTraceID() {
+		attrs = append(attrs, slog.String("trace_id", sc.TraceID().String()))
 	}
 	if token != "" {
 		attrs = append(attrs, slog.String("token_hash", TokenHash(token)))
 	}
-	s.log.LogAttrs(context.Background(), slog.LevelInfo, "deny", attrs...)
+	s.log.LogAttrs(ctx, slog.LevelInfo, info.Decision, attrs...)
 }
 
 // TokenHash is a short SHA-256 digest of a token, for logs: enough to

@@ -222,6 +222,20 @@ func (v *Verifier) Ready() bool {
 	return true
 }
 
+// KeySetAges is, per issuer with a remote key set, the time since the set
+// held was fetched (by this pod or, through Redis, another).
+func (v *Verifier) KeySetAges() map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for name, is := range v.byName {
+		if rk, ok := is.src.(*remoteKeys); ok {
+			if ks := rk.current(); ks != nil {
+				out[name] = v.now().Sub(ks.fetchedAt)
+			}
+		}
+	}
+	return out
+}
+
 // Issuer returns the issuer configured under name.
 func (v *Verifier) Issuer(name string) (*Issuer, bool) {
 	is, ok := v.byName[name]

@@ -45,6 +45,16 @@ type serverConfig struct {
 	// RevocationTTL is how long a revocation is kept when the call names no
 	// ttl: make it at least your tokens' lifetime. Default 24h.
 	RevocationTTL time.Duration `yaml:"revocation_ttl"`
+	// ReadinessGrace: report ready after this long even if some issuer's
+	// keys have not loaded (its tokens get 503s meanwhile). Default 0: wait
+	// for every issuer.
+	ReadinessGrace time.Duration `yaml:"readiness_grace"`
+	// LogAllows is the fraction of allows logged (0 to 1; denies are always
+	// logged). Default 0.
+	LogAllows float64 `yaml:"log_allows"`
+	// TraceSubject adds the token's sub to decision spans (enduser.id).
+	// Personal data: default false.
+	TraceSubject bool `yaml:"trace_subject"`
 }
 
 func (s *serverConfig) applyDefaults() {
@@ -138,6 +148,12 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	}
 	if cfg.Server.ShutdownTimeout < 0 {
 		problems = append(problems, "server.shutdown_timeout: must be positive")
+	}
+	if cfg.Server.LogAllows < 0 || cfg.Server.LogAllows > 1 {
+		problems = append(problems, "server.log_allows: a fraction between 0 and 1")
+	}
+	if cfg.Server.ReadinessGrace < 0 {
+		problems = append(problems, "server.readiness_grace: must be positive")
 	}
 	if cfg.Server.RevocationTTL < 0 {
 		problems = append(problems, "server.revocation_ttl: must be positive")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,7 +13,11 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/extra/redisotel/v9"
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc/filters"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -32,6 +37,19 @@ const (
 // run serves until ctx ends, then shuts down in order: not ready, drain,
 // stop. httpLis may be nil.
 func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, log *slog.Logger) error {
+	logEffectiveConfig(log, cfg)
+	tp, shutdownTracing, err := tracing(ctx)
+	if err != nil {
+		return fmt.Errorf("tracing: %w", err)
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = shutdownTracing(sctx) // flushes spans still buffered
+	}()
+	prop := propagator()
+	met := newMetrics()
+
 	var shared *cache.Shared
 	if rc := cfg.Cache.Redis; rc != nil {
 		// go-redis logs dial failures itself; they belong at debug, since the
@@ -42,9 +60,14 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			return fmt.Errorf("redis: %w", err)
 		}
 		defer shared.Close()
+		if err := redisotel.InstrumentTracing(shared.Client(), redisotel.WithTracerProvider(tp),
+			redisotel.WithDBStatement(false)); err != nil { // statements would show keys and claims
+			return fmt.Errorf("redis tracing: %w", err)
+		}
 		log.Info("redis tier on", "addrs", rc.Addrs, "master_name", rc.MasterName, "hmac", rc.HMACKeyFile != "" || rc.HMACKeyEnv != "")
 	}
-	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log, CacheMaxBytes: cfg.Cache.MaxBytes, Shared: shared})
+	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log, CacheMaxBytes: cfg.Cache.MaxBytes, Shared: shared,
+		TracerProvider: tp, Propagator: prop, Observer: met})
 	if err != nil {
 		return err
 	}
@@ -52,14 +75,21 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 	if err != nil {
 		return err
 	}
+	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: prop, Observer: met,
+		TraceSubject: cfg.Server.TraceSubject, AllowLogRate: cfg.Server.LogAllows})
 	denylist := cache.NewDenylist(shared, nil)
 	srv.UseDenylist(denylist)
+	met.watchFleet(v.KeySetAges, shared, denylist)
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	v.Start(bg)
 	go denylist.Run(bg, 30*time.Second)
 
-	gs := grpc.NewServer()
+	// The stats handler continues the trace Envoy sends in the call's
+	// metadata; health and reflection calls are not traced.
+	gs := grpc.NewServer(grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(tp),
+		otelgrpc.WithPropagators(prop), otelgrpc.WithFilter(filters.None(filters.HealthCheck(),
+			filters.ServicePrefix("grpc.reflection."))))))
 	authv3.RegisterAuthorizationServer(gs, srv)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
@@ -79,7 +109,9 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 	go func() {
 		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
-		for !v.Ready() {
+		start := time.Now()
+		grace := cfg.Server.ReadinessGrace
+		for !v.Ready() && (grace <= 0 || time.Since(start) < grace) {
 			select {
 			case <-bg.Done():
 				return
@@ -87,12 +119,17 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			}
 		}
 		setReady(healthpb.HealthCheckResponse_SERVING)
-		log.Info("ready: keys of every issuer loaded")
+		if v.Ready() {
+			log.Info("ready: keys of every issuer loaded")
+		} else {
+			log.Warn("ready without every issuer's keys: readiness_grace passed", "grace", grace.String())
+		}
 	}()
 
 	var hsrv *http.Server
 	if httpLis != nil {
 		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(met.reg, promhttp.HandlerOpts{Registry: met.reg}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 		mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 			resp, err := hs.Check(r.Context(), &healthpb.HealthCheckRequest{Service: healthReadiness})
@@ -146,6 +183,16 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		_ = hsrv.Shutdown(sctx)
 	}
 	return nil
+}
+
+// logEffectiveConfig logs the config in force. It holds no secrets: every
+// secret is named by a file or an environment variable, never inlined.
+func logEffectiveConfig(log *slog.Logger, cfg *fileConfig) {
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return
+	}
+	log.Info("effective config", "config", json.RawMessage(b))
 }
 
 type redisLogger struct{ log *slog.Logger }

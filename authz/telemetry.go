@@ -1,0 +1,191 @@
+package authz
+
+import (
+	"context"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	semconv "go.opentelemetry.io/otel/semconv/v1.37.0"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+)
+
+// Observability says where a Server reports. Zero fields take the otel
+// globals and report no metrics.
+type Observability struct {
+	TracerProvider trace.TracerProvider
+	Propagator     propagation.TextMapPropagator
+	Observer       Observer
+	// TraceSubject adds the token's sub to decision spans as enduser.id.
+	// Personal data: off by default.
+	TraceSubject bool
+	// AllowLogRate is the fraction of allows logged (denies always are).
+	AllowLogRate float64
+
+	tracer trace.Tracer
+}
+
+// Observer receives every decision, for metrics. It must be cheap and safe
+// for concurrent use.
+type Observer interface {
+	Decision(DecisionInfo)
+}
+
+// DecisionInfo describes one decision with bounded values only: route and
+// issuer come from the config, reason from a fixed set.
+type DecisionInfo struct {
+	// Decision is allow, deny or error (no decision possible).
+	Decision string
+	Reason   string
+	Route    string
+	Issuer   string
+	Took     time.Duration
+}
+
+type nopObserver struct{}
+
+func (nopObserver) Decision(DecisionInfo) {}
+
+// Observe sets where s reports. Call it before serving.
+func (s *Server) Observe(o Observability) {
+	if o.TracerProvider == nil {
+		o.TracerProvider = otel.GetTracerProvider()
+	}
+	if o.Propagator == nil {
+		o.Propagator = otel.GetTextMapPropagator()
+	}
+	if o.Observer == nil {
+		o.Observer = nopObserver{}
+	}
+	o.tracer = o.TracerProvider.Tracer("github.com/tokenauthz/tokenauthz/authz")
+	s.obs = o
+}
+
+// startSpan opens the decision span. Its parent is the trace context Envoy
+// put in the call's gRPC metadata (the otelgrpc server span continues it);
+// when the metadata carries none, the request's own traceparent or b3
+// headers inside the CheckRequest, with a link to the gRPC server span.
+func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContext_HttpRequest) (context.Context, trace.Span) {
+	parent := ctx
+	var opts []trace.SpanStartOption
+	md, _ := metadata.FromIncomingContext(ctx)
+	if !trace.SpanContextFromContext(o.Propagator.Extract(ctx, metadataCarrier(md))).IsRemote() {
+		if hctx := o.Propagator.Extract(ctx, requestCarrier{h}); trace.SpanContextFromContext(hctx).IsRemote() {
+			parent = hctx
+			if local := trace.SpanContextFromContext(ctx); local.IsValid() {
+				opts = append(opts, trace.WithLinks(trace.Link{SpanContext: local}))
+			}
+		}
+	}
+	return o.tracer.Start(parent, "tokenauthz.check", opts...)
+}
+
+func (o *Observability) endSpan(span trace.Span, d *decision, info DecisionInfo) {
+	if span.IsRecording() {
+		attrs := []attribute.KeyValue{
+			attribute.String("tokenauthz.decision", info.Decision),
+			attribute.String("tokenauthz.reason", info.Reason),
+			attribute.String("tokenauthz.route", info.Route),
+			attribute.Int("http.response.status_code", d.status()),
+		}
+		if r := d.result; r != nil {
+			attrs = append(attrs, attribute.String("tokenauthz.issuer", info.Issuer),
+				attribute.String("tokenauthz.token.kind", r.Kind))
+			if r.KeySource != "" {
+				attrs = append(attrs, attribute.String("tokenauthz.keys.source", string(r.KeySource)))
+			}
+			if r.AnswerSource != "" {
+				attrs = append(attrs, attribute.String("tokenauthz.answer.source", string(r.AnswerSource)))
+			}
+			if o.TraceSubject {
+				if sub := r.Claims.String("sub"); sub != "" {
+					attrs = append(attrs, semconv.EnduserID(sub))
+				}
+			}
+		}
+		span.SetAttributes(attrs...)
+		if info.Decision == "error" {
+			span.SetStatus(otelcodes.Error, d.desc)
+		}
+	}
+	span.End()
+}
+
+// info summarises d for metrics, spans and logs.
+func (d *decision) info(took time.Duration) DecisionInfo {
+	i := DecisionInfo{Decision: "deny", Reason: d.reason, Took: took}
+	switch {
+	case d.allow:
+		i.Decision = "allow"
+	case d.code == codes.Unavailable || d.code == codes.Internal:
+		i.Decision = "error"
+	}
+	if d.route != nil {
+		i.Route = d.route.name
+	}
+	if d.result != nil {
+		i.Issuer = d.result.Issuer.Name()
+	}
+	return i
+}
+
+// status is the HTTP status Envoy will use: 200 (upstream) for an allow.
+func (d *decision) status() int {
+	if d.allow {
+		return 200
+	}
+	return int(d.httpStatus)
+}
+
+// metadataCarrier reads trace context from gRPC metadata.
+type metadataCarrier metadata.MD
+
+func (m metadataCarrier) Get(k string) string {
+	if v := metadata.MD(m).Get(k); len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+func (m metadataCarrier) Set(string, string) {}
+func (m metadataCarrier) Keys() []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+// requestCarrier reads trace context from the HTTP request's headers, in
+// either of the forms Envoy sends them.
+type requestCarrier struct{ h *authv3.AttributeContext_HttpRequest }
+
+func (r requestCarrier) Get(k string) string {
+	if v, ok := r.h.GetHeaders()[k]; ok {
+		return v
+	}
+	for _, hv := range r.h.GetHeaderMap().GetHeaders() {
+		if hv.GetKey() == k {
+			if raw := hv.GetRawValue(); len(raw) > 0 {
+				return string(raw)
+			}
+			return hv.GetValue()
+		}
+	}
+	return ""
+}
+func (r requestCarrier) Set(string, string) {}
+func (r requestCarrier) Keys() []string {
+	var out []string
+	for k := range r.h.GetHeaders() {
+		out = append(out, k)
+	}
+	for _, hv := range r.h.GetHeaderMap().GetHeaders() {
+		out = append(out, hv.GetKey())
+	}
+	return out
+}

@@ -1,0 +1,246 @@
+package authz_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/redis/go-redis/extra/redisotel/v9"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/contrib/propagators/b3"
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/cache"
+	"github.com/tokenauthz/tokenauthz/cache/redistest"
+	"github.com/tokenauthz/tokenauthz/verify"
+)
+
+var testProp = propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}, b3.New())
+
+// tracedFixture serves the introspection fixture as serve does: otelgrpc
+// stats handler, traced verifier, Redis tier instrumented with redisotel,
+// all spans into an in-memory recorder.
+func tracedFixture(t *testing.T) (*introFixture, authv3.AuthorizationClient, *tracetest.SpanRecorder) {
+	t.Helper()
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	f := newIntroFixture(t, "client_secret_basic")
+	rs := redistest.Start(t)
+	shared, err := cache.NewShared(redisConfig(t, rs, ""), cache.SharedOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = shared.Close() })
+	if err := redisotel.InstrumentTracing(shared.Client(), redisotel.WithTracerProvider(tp), redisotel.WithDBStatement(false)); err != nil {
+		t.Fatal(err)
+	}
+	v, err := verify.New(f.cfg.Issuers, verify.Options{Shared: shared, TracerProvider: tp, Propagator: testProp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := authz.NewServer(f.cfg, v, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer(grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(testProp))))
+	authv3.RegisterAuthorizationServer(gs, srv)
+	go func() { _ = gs.Serve(lis) }()
+	t.Cleanup(gs.Stop)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	return f, authv3.NewAuthorizationClient(conn), rec
+}
+
+const (
+	envoyTrace = "4bf92f3577b34da6a3ce929d0e0e4736"
+	envoySpan  = "00f067aa0ba902b7"
+)
+
+// decisionSpan finds the one decision span of a trace.
+func decisionSpan(t *testing.T, rec *tracetest.SpanRecorder, traceID string) sdktrace.ReadOnlySpan {
+	t.Helper()
+	var found []sdktrace.ReadOnlySpan
+	for _, s := range rec.Ended() {
+		if s.Name() == "tokenauthz.check" && s.SpanContext().TraceID().String() == traceID {
+			found = append(found, s)
+		}
+	}
+	if len(found) != 1 {
+		t.Fatalf("%d decision spans in trace %s", len(found), traceID)
+	}
+	return found[0]
+}
+
+func children(rec *tracetest.SpanRecorder, parent trace.SpanContext) map[string][]sdktrace.ReadOnlySpan {
+	out := map[string][]sdktrace.ReadOnlySpan{}
+	var walk func(id trace.SpanID)
+	walk = func(id trace.SpanID) {
+		for _, s := range rec.Ended() {
+			if s.Parent().SpanID() == id && s.SpanContext().TraceID() == parent.TraceID() {
+				out[s.Name()] = append(out[s.Name()], s)
+				walk(s.SpanContext().SpanID())
+			}
+		}
+	}
+	walk(parent.SpanID())
+	return out
+}
+
+func attr(s sdktrace.ReadOnlySpan, key string) string {
+	for _, a := range s.Attributes() {
+		if string(a.Key) == key {
+			return a.Value.Emit()
+		}
+	}
+	return ""
+}
+
+func TestDecisionSpanContinuesEnvoysTraceFromMetadata(t *testing.T) {
+	f, c, rec := tracedFixture(t)
+	tok := f.opaque(nil)
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "traceparent", "00-"+envoyTrace+"-"+envoySpan+"-01")
+	resp, err := c.Check(ctx, req{path: "/payments/1", headers: bearer(f.jwt(t))}.proto())
+	if err != nil || resp.GetStatus().GetCode() != 0 {
+		t.Fatalf("check: %v %v", err, resp.GetStatus())
+	}
+	_, err = c.Check(metadata.AppendToOutgoingContext(context.Background(), "traceparent",
+		"00-"+strings.Repeat("a", 32)+"-"+envoySpan+"-01"), req{headers: bearer(tok)}.proto())
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	d := decisionSpan(t, rec, envoyTrace)
+	// decision span → otelgrpc server span → Envoy's span from metadata.
+	var server sdktrace.ReadOnlySpan
+	for _, s := range rec.Ended() {
+		if s.SpanContext().SpanID() == d.Parent().SpanID() {
+			server = s
+		}
+	}
+	if server == nil || server.SpanKind() != trace.SpanKindServer || server.Parent().SpanID().String() != envoySpan || !server.Parent().IsRemote() {
+		t.Fatalf("the decision span's parent is not the gRPC server span under Envoy's span: %v", server)
+	}
+	for k, want := range map[string]string{"tokenauthz.decision": "allow", "tokenauthz.reason": "ok", "tokenauthz.route": "payments",
+		"tokenauthz.issuer": "main", "tokenauthz.token.kind": "jwt", "tokenauthz.keys.source": "origin",
+		"tokenauthz.answer.source": "origin", "http.response.status_code": "200"} {
+		if got := attr(d, k); got != want {
+			t.Errorf("decision span %s = %q, want %q", k, got, want)
+		}
+	}
+	kids := children(rec, d.SpanContext())
+	for _, name := range []string{"tokenauthz.keys.lookup", "tokenauthz.keys.fetch", "tokenauthz.verify.signature",
+		"tokenauthz.introspection", "HTTP GET", "HTTP POST", "get", "set"} {
+		if len(kids[name]) == 0 {
+			names := []string{}
+			for n := range kids {
+				names = append(names, n)
+			}
+			t.Errorf("no %q span under the decision span; have %v", name, names)
+		}
+	}
+	if got := attr(kids["tokenauthz.keys.fetch"][0], "tokenauthz.source"); got != "origin" {
+		t.Errorf("keys.fetch source %q", got)
+	}
+
+	// The opaque token's decision, in its own trace.
+	o := decisionSpan(t, rec, strings.Repeat("a", 32))
+	if attr(o, "tokenauthz.token.kind") != "opaque" || attr(o, "tokenauthz.answer.source") != "origin" {
+		t.Errorf("opaque decision attributes: %v", o.Attributes())
+	}
+	assertNoSecretsInSpans(t, rec, tok, "user-1")
+}
+
+func TestDecisionSpanParentFromRequestHeaders(t *testing.T) {
+	f, c, rec := tracedFixture(t)
+	jwt := f.jwt(t)
+	// No trace context in the metadata: the request's traceparent is used.
+	_, err := c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt,
+		"traceparent": "00-" + envoyTrace + "-" + envoySpan + "-01"}}.proto())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := decisionSpan(t, rec, envoyTrace)
+	if d.Parent().SpanID().String() != envoySpan || !d.Parent().IsRemote() {
+		t.Fatalf("parent %v, want the request's span %s", d.Parent(), envoySpan)
+	}
+	if len(d.Links()) != 1 || d.Links()[0].SpanContext.TraceID().String() == envoyTrace {
+		t.Errorf("the decision span should link to the gRPC server span of its own trace: %v", d.Links())
+	}
+	// B3 multiple headers, as an Istio sidecar sends them.
+	b3Trace := strings.Repeat("b", 32)
+	_, err = c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt,
+		"x-b3-traceid": b3Trace, "x-b3-spanid": "1234567890abcdef", "x-b3-sampled": "1"}}.proto())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := decisionSpan(t, rec, b3Trace); d.Parent().SpanID().String() != "1234567890abcdef" {
+		t.Fatalf("b3 parent %v", d.Parent())
+	}
+	// A deny carries its reason.
+	_, _ = c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt + "x",
+		"traceparent": "00-" + strings.Repeat("c", 32) + "-" + envoySpan + "-01"}}.proto())
+	deny := decisionSpan(t, rec, strings.Repeat("c", 32))
+	if attr(deny, "tokenauthz.decision") != "deny" || attr(deny, "http.response.status_code") != "401" || attr(deny, "tokenauthz.reason") == "" {
+		t.Errorf("deny span attributes %v", deny.Attributes())
+	}
+	assertNoSecretsInSpans(t, rec, jwt, "user-1")
+}
+
+// assertNoSecretsInSpans: no span, attribute or event holds the token or
+// personal data.
+func assertNoSecretsInSpans(t *testing.T, rec *tracetest.SpanRecorder, secrets ...string) {
+	t.Helper()
+	for _, s := range rec.Ended() {
+		dump := fmt.Sprint(s.Name(), s.Attributes(), s.Events(), s.Status(), s.Links())
+		for _, secret := range secrets {
+			if strings.Contains(dump, secret) {
+				t.Errorf("span %q holds %q: %s", s.Name(), secret, dump)
+			}
+		}
+	}
+}
+
+func TestDecisionSpanNamesTheSubjectOnlyWhenAsked(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	f := newIntroFixture(t, "client_secret_basic")
+	v, err := verify.New(f.cfg.Issuers, verify.Options{TracerProvider: tp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := authz.NewServer(f.cfg, v, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp, TraceSubject: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := srv.Check(ctx, req{headers: bearer(f.jwt(t))}.proto()); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range rec.Ended() {
+		if s.Name() == "tokenauthz.check" && attr(s, "enduser.id") == "user-1" {
+			return
+		}
+	}
+	t.Fatal("trace_subject: true did not put the subject on the decision span")
+}
