@@ -162,7 +162,9 @@ func (m metadataCarrier) Keys() []string {
 
 // requestCarrier reads trace context from the HTTP request's headers, in
 // either of the forms Envoy sends them.
-type requestCarrier struct{ h *authv3.AttributeContext_HttpRequest }
+type requestCarrier struct {
+	h *authv3.AttributeContext_HttpRequest
+}
 
 func (r requestCarrier) Get(k string) string {
 	if v, ok := r.h.GetHeaders()[k]; ok {
