@@ -332,7 +332,7 @@ func (v *Verifier) ask(ctx context.Context, e *endpoint, tk tokenKey, exp time.T
 	defer func() {
 		if err == nil {
 			span.SetAttributes(attribute.String("tokenauthz.source", string(src)), attribute.Bool("tokenauthz.active", a.ok))
-			v.tel.obs.AnswerServed(e.kind, src)
+			v.tel.obs.Served(e.kind, src)
 		}
 		end(span, err)
 	}()

@@ -22,15 +22,16 @@ type Observer interface {
 	KeySetFetched(issuer string, err error)
 	// ProviderCalled: one introspection or userinfo call.
 	ProviderCalled(issuer, endpoint string, took time.Duration, err error)
-	// AnswerServed: where an introspection or userinfo answer came from.
-	AnswerServed(endpoint string, src cache.Source)
+	// Served: where an issuer's keys (kind "keys") or an introspection or
+	// userinfo answer came from for one request.
+	Served(kind string, src cache.Source)
 }
 
 type nopObserver struct{}
 
 func (nopObserver) KeySetFetched(string, error)                         {}
 func (nopObserver) ProviderCalled(string, string, time.Duration, error) {}
-func (nopObserver) AnswerServed(string, cache.Source)                   {}
+func (nopObserver) Served(string, cache.Source)                         {}
 
 // telemetry is what every part of a Verifier reports to.
 type telemetry struct {

@@ -485,6 +485,9 @@ func (is *Issuer) lookupKeys(ctx context.Context, kid string) (ks *keySet, src c
 			src = ks.src
 		}
 		span.SetAttributes(attribute.String("tokenauthz.source", string(src)))
+		if err == nil {
+			is.tel.obs.Served("keys", src)
+		}
 		end(span, err)
 	}()
 	if ks, err = is.src.keys(ctx); err != nil {

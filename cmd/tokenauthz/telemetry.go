@@ -101,8 +101,8 @@ func newMetrics() *metrics {
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}},
 			[]string{"issuer", "endpoint"}),
 		answers: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenauthz_cache_lookups_total",
-			Help: "Introspection and userinfo answers by the tier that served them (memory and redis are hits, origin a miss)."},
-			[]string{"endpoint", "tier"}),
+			Help: "Key sets (kind keys) and introspection and userinfo answers by the tier that served them (memory and redis are hits, origin a miss)."},
+			[]string{"kind", "tier"}),
 	}
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tokenauthz_build_info", Help: "Version and Go version."},
 		[]string{"version", "goversion"})
@@ -118,7 +118,7 @@ func (m *metrics) Decision(d authz.DecisionInfo) {
 	m.latency.WithLabelValues(d.Decision).Observe(d.Took.Seconds())
 }
 
-// KeySetFetched, ProviderCalled and AnswerServed implement verify.Observer.
+// KeySetFetched, ProviderCalled and Served implement verify.Observer.
 func (m *metrics) KeySetFetched(issuer string, err error) {
 	m.keyFetches.WithLabelValues(issuer, result(err)).Inc()
 }
@@ -128,8 +128,8 @@ func (m *metrics) ProviderCalled(issuer, endpoint string, took time.Duration, er
 	m.providerTime.WithLabelValues(issuer, endpoint).Observe(took.Seconds())
 }
 
-func (m *metrics) AnswerServed(endpoint string, src cache.Source) {
-	m.answers.WithLabelValues(endpoint, string(src)).Inc()
+func (m *metrics) Served(kind string, src cache.Source) {
+	m.answers.WithLabelValues(kind, string(src)).Inc()
 }
 
 func result(err error) string {
