@@ -236,7 +236,15 @@ func TestTamperedRedisEntriesAreRejected(t *testing.T) {
 	}
 	answer, _ := proto.Marshal(&cachev1.ProviderAnswer{Ok: true,
 		ClaimsJson: []byte(`{"sub":"admin","aud":"` + aud + `","scope":"orders:write"}`)})
-	plant("tokenauthz:v1:answer:introspection:main:"+cache.Hash(forged), answer)
+	// The issuer's part of the key is its name and config identity, as a's
+	// entries show.
+	tok := f.opaque(nil)
+	allowed(t, check(t, a.c, req{headers: bearer(tok)}))
+	real, _ := rdb.Keys(ctx, "tokenauthz:v1:answer:introspection:main.*:"+cache.Hash(tok)).Result()
+	if len(real) != 1 {
+		t.Fatalf("answer keys %v", real)
+	}
+	plant(strings.TrimSuffix(real[0], cache.Hash(tok))+cache.Hash(forged), answer)
 
 	evil := idptest.NewKey(t, "k1", "RS256") // same kid as the real key
 	set := jwk.NewSet()
@@ -280,7 +288,11 @@ func TestRedisEntriesExpireWithTheirTTL(t *testing.T) {
 	a.waitReady(t)
 	ctx := context.Background()
 	pttl := func(tok string) time.Duration {
-		d, err := rdb.PTTL(ctx, "tokenauthz:v1:answer:introspection:main:"+cache.Hash(tok)).Result()
+		keys, err := rdb.Keys(ctx, "tokenauthz:v1:answer:introspection:main.*:"+cache.Hash(tok)).Result()
+		if err != nil || len(keys) != 1 {
+			t.Fatalf("answer keys %v %v", keys, err)
+		}
+		d, err := rdb.PTTL(ctx, keys[0]).Result()
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -303,8 +303,11 @@ var answerCodec = cache.Codec[*providerAnswer]{
 // Verifier, keyed by kind, issuer name and token hash.
 type answers = cache.Cache[*providerAnswer]
 
+// answerKey names an answer by the issuer's identity as well as its name,
+// so that an answer given under one configuration of an issuer is never
+// used under another (after a reload, or by pods on another config).
 func answerKey(kind string, is *Issuer, tk tokenKey) string {
-	return kind + ":" + is.name + ":" + string(tk)
+	return kind + ":" + is.name + "." + is.id + ":" + string(tk)
 }
 
 // introspect asks (or recalls) the issuer's introspection endpoint about a

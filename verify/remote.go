@@ -77,6 +77,8 @@ type remoteKeys struct {
 	// Fetch counts requests made to the identity provider (discovery and
 	// JWKS), for tests and metrics.
 	fetches atomic.Int64
+	// running counts refresh loops (0 or 1), for tests of Retire.
+	running atomic.Int32
 
 	mu            sync.Mutex
 	doc           *discoveryDoc // from discovery; nil until read, and after the jwks_uri failed
@@ -317,6 +319,8 @@ func sameKids(a, b *keySet) bool {
 // run refreshes the set when it is due, and after a failure every
 // MinRefreshInterval until a fetch succeeds.
 func (r *remoteKeys) run(ctx context.Context) {
+	r.running.Add(1)
+	defer r.running.Add(-1)
 	for {
 		wait := r.cfg.MinRefreshInterval
 		if ks := r.cur.Load(); ks != nil {

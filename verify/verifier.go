@@ -4,12 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -50,6 +52,8 @@ type Verifier struct {
 	answers *answers
 	shared  *cache.Shared
 	tel     *telemetry
+	opts    Options
+	stop    context.CancelFunc // ends the key-set subscription (set by Start)
 }
 
 // Issuer is one configured issuer with its key source.
@@ -65,6 +69,13 @@ type Issuer struct {
 	introspection *introspector   // nil unless configured
 	userinfo      *userinfoClient // nil unless configured
 	tel           *telemetry
+
+	// id names what the issuer is (its config and the files it reads), so a
+	// reload keeps an unchanged issuer and cached answers never outlive a
+	// change.
+	id      string
+	startMu sync.Mutex
+	stop    context.CancelFunc // ends the refresh loop; nil until started
 }
 
 // Name is the configured issuer name.
@@ -88,11 +99,24 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 		o.HTTPClient = &http.Client{}
 	}
 	o.HTTPClient = &http.Client{Transport: tel.transport(o.HTTPClient.Transport)}
-	v := &Verifier{tel: tel, byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
-		answers: cache.New(cache.Options{MaxBytes: o.CacheMaxBytes, Now: o.Now}, answerSize), shared: o.Shared}
+	answers := cache.New(cache.Options{MaxBytes: o.CacheMaxBytes, Now: o.Now}, answerSize)
 	if o.Shared != nil {
-		v.answers.Share(o.Shared, "answer:", answerCodec)
+		answers.Share(o.Shared, "answer:", answerCodec)
 	}
+	return build(cfgs, o, tel, answers, nil)
+}
+
+// Reload builds a Verifier for cfgs that keeps every issuer of v whose
+// configuration (and the files it names) did not change, with its keys and
+// refresh loop, and shares v's answer cache. Start the new Verifier, swap it
+// in, then Retire v.
+func (v *Verifier) Reload(cfgs []IssuerConfig) (*Verifier, error) {
+	return build(cfgs, v.opts, v.tel, v.answers, v)
+}
+
+func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, prev *Verifier) (*Verifier, error) {
+	v := &Verifier{tel: tel, byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
+		answers: answers, shared: o.Shared, opts: o}
 	for idx := range cfgs {
 		c := cfgs[idx]
 		if p := c.Validate(); len(p) > 0 {
@@ -104,14 +128,49 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 		if _, dup := v.byIss[c.Issuer]; dup {
 			return nil, fmt.Errorf("verify: issuer %q configured twice", c.Issuer)
 		}
-		is, err := newIssuer(c, o, tel)
-		if err != nil {
-			return nil, fmt.Errorf("verify: issuer %q: %w", c.Name, err)
+		id := identity(c)
+		is := (*Issuer)(nil)
+		if prev != nil && prev.byName[c.Name] != nil && prev.byName[c.Name].id == id {
+			is = prev.byName[c.Name]
+		} else {
+			var err error
+			if is, err = newIssuer(c, o, tel); err != nil {
+				return nil, fmt.Errorf("verify: issuer %q: %w", c.Name, err)
+			}
+			is.id = id
 		}
 		v.byIss[c.Issuer] = is
 		v.byName[c.Name] = is
 	}
 	return v, nil
+}
+
+// identity hashes an issuer's config and the contents of the files and
+// variables it reads (key set, secrets), so that a rotated secret file
+// counts as a change.
+func identity(c IssuerConfig) string {
+	h := sha256.New()
+	b, _ := json.Marshal(c)
+	h.Write(b)
+	files := []string{c.JWKSFile, c.HMACSecretFile}
+	envs := []string{c.HMACSecretEnv}
+	if in := c.Introspection; in != nil {
+		files, envs = append(files, in.ClientSecretFile), append(envs, in.ClientSecretEnv)
+	}
+	for _, f := range files {
+		if f != "" {
+			data, _ := os.ReadFile(f)
+			h.Write([]byte{0})
+			h.Write(data)
+		}
+	}
+	for _, e := range envs {
+		if e != "" {
+			h.Write([]byte{0})
+			h.Write([]byte(os.Getenv(e)))
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
 func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
@@ -170,14 +229,46 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
 // Start refreshes remote key sets in the background until ctx ends; the first
 // load begins at once. With a Redis tier it also listens for key sets other
 // pods fetched, so a rotation one pod sees reaches every pod.
+//
+// Issuers kept from a previous Verifier by Reload are already running and
+// are left alone.
 func (v *Verifier) Start(ctx context.Context) {
 	for _, is := range v.byName {
-		if is.src != nil {
-			go is.src.run(ctx)
-		}
+		is.start(ctx)
 	}
 	if v.shared != nil {
-		go v.shared.Subscribe(ctx, keysChannel, v.keySetNudged, v.resyncKeySets)
+		sctx, stop := context.WithCancel(ctx)
+		v.stop = stop
+		go v.shared.Subscribe(sctx, keysChannel, v.keySetNudged, v.resyncKeySets)
+	}
+}
+
+// Retire stops what v runs that next does not use: the refresh loops of
+// issuers next did not keep, and v's key-set subscription.
+func (v *Verifier) Retire(next *Verifier) {
+	if v.stop != nil {
+		v.stop()
+	}
+	for name, is := range v.byName {
+		if next == nil || next.byName[name] != is {
+			is.startMu.Lock()
+			if is.stop != nil {
+				is.stop()
+			}
+			is.startMu.Unlock()
+		}
+	}
+}
+
+func (is *Issuer) start(ctx context.Context) {
+	if is.src == nil {
+		return
+	}
+	is.startMu.Lock()
+	defer is.startMu.Unlock()
+	if is.stop == nil {
+		ctx, is.stop = context.WithCancel(ctx)
+		go is.src.run(ctx)
 	}
 }
 

@@ -138,7 +138,14 @@ func serve(path string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	if err := run(ctx, cfg, grpcLis, httpLis, log); err != nil {
+	var opts []runOption
+	if path != "" {
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		opts = append(opts, withReload(path, hup))
+	}
+	if err := run(ctx, cfg, grpcLis, httpLis, log, opts...); err != nil {
 		log.Error("exiting", "error", err)
 		return 1
 	}

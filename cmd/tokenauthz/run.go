@@ -36,7 +36,26 @@ const (
 
 // run serves until ctx ends, then shuts down in order: not ready, drain,
 // stop. httpLis may be nil.
-func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, log *slog.Logger) error {
+// runOptions are run's optional parts.
+type runOptions struct {
+	// configPath, when set, is watched and reloaded on change and on hup.
+	configPath string
+	hup        <-chan os.Signal
+	reloadPoll time.Duration
+}
+
+type runOption func(*runOptions)
+
+// withReload watches path for changes and reloads it on hup too.
+func withReload(path string, hup <-chan os.Signal) runOption {
+	return func(o *runOptions) { o.configPath, o.hup = path, hup }
+}
+
+func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, log *slog.Logger, opts ...runOption) error {
+	ro := runOptions{reloadPoll: 10 * time.Second}
+	for _, o := range opts {
+		o(&ro)
+	}
 	logEffectiveConfig(log, cfg)
 	tp, shutdownTracing, err := tracing(ctx)
 	if err != nil {
@@ -79,10 +98,17 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		TraceSubject: cfg.Server.TraceSubject, AllowLogRate: cfg.Server.LogAllows})
 	denylist := cache.NewDenylist(shared, nil)
 	srv.UseDenylist(denylist)
-	met.watchFleet(v.KeySetAges, shared, denylist)
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	v.Start(bg)
+	// current is the verifier in force: a reload replaces it.
+	current := func() *verify.Verifier { return v }
+	if ro.configPath != "" {
+		rl := newReloader(ro.configPath, cfg, v, srv, bg, met, log)
+		current = rl.cur.Load
+		go rl.watch(bg, ro.hup, ro.reloadPoll)
+	}
+	met.watchFleet(func() map[string]time.Duration { return current().KeySetAges() }, shared, denylist)
 	go denylist.Run(bg, 30*time.Second)
 
 	// The stats handler continues the trace Envoy sends in the call's
@@ -111,7 +137,7 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		defer t.Stop()
 		start := time.Now()
 		grace := cfg.Server.ReadinessGrace
-		for !v.Ready() && (grace <= 0 || time.Since(start) < grace) {
+		for !current().Ready() && (grace <= 0 || time.Since(start) < grace) {
 			select {
 			case <-bg.Done():
 				return
@@ -119,7 +145,7 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			}
 		}
 		setReady(healthpb.HealthCheckResponse_SERVING)
-		if v.Ready() {
+		if current().Ready() {
 			log.Info("ready: keys of every issuer loaded")
 		} else {
 			log.Warn("ready without every issuer's keys: readiness_grace passed", "grace", grace.String())

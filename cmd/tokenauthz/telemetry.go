@@ -78,6 +78,7 @@ type metrics struct {
 	providerReqs *prometheus.CounterVec
 	providerTime *prometheus.HistogramVec
 	answers      *prometheus.CounterVec
+	reloads      *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -104,10 +105,12 @@ func newMetrics() *metrics {
 			Help: "Key sets (kind keys) and introspection and userinfo answers by the tier that served them (memory and redis are hits, origin a miss)."},
 			[]string{"kind", "tier"}),
 	}
+	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenauthz_config_reloads_total",
+		Help: "Config reloads by result (ok, rejected: the previous config stayed in force)."}, []string{"result"})
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tokenauthz_build_info", Help: "Version and Go version."},
 		[]string{"version", "goversion"})
 	build.WithLabelValues(version(), runtime.Version()).Set(1)
-	m.reg.MustRegister(m.decisions, m.latency, m.keyFetches, m.providerReqs, m.providerTime, m.answers, build,
+	m.reg.MustRegister(m.reloads, m.decisions, m.latency, m.keyFetches, m.providerReqs, m.providerTime, m.answers, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
