@@ -36,7 +36,12 @@ type serverConfig struct {
 	LogFormat string `yaml:"log_format"`
 	// LogLevel is debug, info (default), warn or error.
 	LogLevel string `yaml:"log_level"`
-	// ShutdownTimeout bounds the graceful drain on SIGTERM. Default 15s.
+	// Lameduck: on SIGTERM, health turns NOT_SERVING and checks are still
+	// answered for this long, while Kubernetes and Envoy take the pod out of
+	// rotation. Default 0; 5s suits Kubernetes.
+	Lameduck time.Duration `yaml:"lameduck"`
+	// ShutdownTimeout bounds the graceful drain of in-flight checks after
+	// the lameduck pause; then the server stops hard. Default 15s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
 	// AdminTokenFile / AdminTokenEnv hold the bearer token of the admin API
 	// (POST /admin/revoke on the HTTP port). Without one the API is off.
@@ -145,6 +150,9 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	}
 	if _, err := parseLevel(cfg.Server.LogLevel); err != nil {
 		problems = append(problems, "server.log_level: "+err.Error())
+	}
+	if cfg.Server.Lameduck < 0 {
+		problems = append(problems, "server.lameduck: must be positive")
 	}
 	if cfg.Server.ShutdownTimeout < 0 {
 		problems = append(problems, "server.shutdown_timeout: must be positive")

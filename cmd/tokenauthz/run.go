@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -113,7 +114,15 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 
 	// The stats handler continues the trace Envoy sends in the call's
 	// metadata; health and reflection calls are not traced.
-	gs := grpc.NewServer(grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(tp),
+	// inflight counts unary calls (Checks, health checks): a drain is done
+	// when they are, even if a health Watch stream would hold it open.
+	var inflight atomic.Int64
+	countCalls := func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		inflight.Add(1)
+		defer inflight.Add(-1)
+		return h(ctx, req)
+	}
+	gs := grpc.NewServer(grpc.UnaryInterceptor(countCalls), grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(tp),
 		otelgrpc.WithPropagators(prop), otelgrpc.WithFilter(filters.None(filters.HealthCheck(),
 			filters.ServicePrefix("grpc.reflection."))))))
 	authv3.RegisterAuthorizationServer(gs, srv)
@@ -186,23 +195,57 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(grpcLis) }()
-	log.Info("serving", "grpc_addr", grpcLis.Addr().String(), "issuers", len(cfg.Issuers), "routes", len(cfg.Routes))
+	httpAddr := "off"
+	if httpLis != nil {
+		httpAddr = httpLis.Addr().String()
+	}
+	log.Info("serving", "grpc_addr", grpcLis.Addr().String(), "http_addr", httpAddr, "issuers", len(cfg.Issuers), "routes", len(cfg.Routes))
 
 	select {
 	case err := <-serveErr:
 		return fmt.Errorf("grpc server: %w", err)
 	case <-ctx.Done():
 	}
-	log.Info("shutting down")
-	hs.Shutdown() // every service NOT_SERVING: Kubernetes and Envoy stop sending
+	// Drain: first say NOT_SERVING (Kubernetes takes the pod out of its
+	// endpoints, Envoy's health checks see it), keep answering through the
+	// lameduck pause while that news spreads, then stop taking new calls and
+	// finish the ones in flight, within the deadline.
+	log.Info("shutting down", "lameduck", cfg.Server.Lameduck.String(), "deadline", cfg.Server.ShutdownTimeout.String())
+	hs.Shutdown()
+	if cfg.Server.Lameduck > 0 {
+		time.Sleep(cfg.Server.Lameduck)
+	}
 	done := make(chan struct{})
 	go func() { gs.GracefulStop(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(cfg.Server.ShutdownTimeout):
-		log.Warn("drain deadline passed; stopping")
-		gs.Stop()
+	deadline := time.After(cfg.Server.ShutdownTimeout)
+	poll := time.NewTicker(10 * time.Millisecond)
+	defer poll.Stop()
+	quiet := 0
+drain:
+	for {
+		select {
+		case <-done:
+			break drain
+		case <-poll.C:
+			// GracefulStop takes no new calls; once the unary ones in
+			// flight are answered (seen twice, so a call accepted just
+			// before GracefulStop has reached the counter), only streams
+			// (health watches) remain.
+			if idle := inflight.Load() == 0; !idle {
+				quiet = 0
+			} else if quiet++; quiet >= 2 {
+				gs.Stop()
+				<-done
+				break drain
+			}
+		case <-deadline:
+			log.Warn("drain deadline passed; stopping", "in_flight", inflight.Load())
+			gs.Stop()
+			<-done
+			break drain
+		}
 	}
+	log.Info("stopped")
 	if hsrv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
