@@ -150,6 +150,22 @@ func (r *claimRule) satisfied(v any) bool {
 	return false
 }
 
+// describe lists the accepted values, for Explain.
+func (r *claimRule) describe() string {
+	parts := make([]string, 0, len(r.want))
+	for _, w := range r.want {
+		switch w := w.(type) {
+		case string:
+			parts = append(parts, fmt.Sprintf("%q (string)", w))
+		case bool:
+			parts = append(parts, fmt.Sprintf("%v (bool)", w))
+		case *big.Float:
+			parts = append(parts, w.Text('g', -1)+" (number)")
+		}
+	}
+	return strings.Join(parts, " or ")
+}
+
 // match selects the route for a request. path has no query string.
 func (p *policy) match(host, path, method string) *route {
 	if h, _, ok := strings.Cut(host, ":"); ok && !strings.Contains(h, "[") {

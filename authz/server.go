@@ -96,11 +96,46 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *aut
 		}
 		s.report(ctx, span, d, token, time.Since(start))
 	}()
-	d, token = s.decide(ctx, st, req)
+	d, token = s.decide(ctx, st, req, nil)
 	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()), nil
 }
 
-func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest) (*decision, string) {
+// Explain decides req as Check would and returns, besides the response,
+// every step's reason: which route matched and why, the token's issuer,
+// which check failed. It is how an operator answers "why was this denied?".
+func (s *Server) Explain(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, []string) {
+	st := s.state.Load()
+	h := req.GetAttributes().GetRequest().GetHttp()
+	tr := &trail{}
+	d, _ := s.decide(ctx, st, req, tr)
+	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()), tr.steps
+}
+
+// trail collects the steps of a decision for Explain; a nil trail (every
+// Check) records nothing and costs a nil check.
+type trail struct{ steps []string }
+
+func (t *trail) add(format string, args ...any) {
+	if t != nil {
+		t.steps = append(t.steps, fmt.Sprintf(format, args...))
+	}
+}
+
+func orDash(src cache.Source) string {
+	if src == "" {
+		return "-"
+	}
+	return string(src)
+}
+
+func answerNote(r *verify.Result) string {
+	if r.AnswerSource == "" {
+		return ""
+	}
+	return ", introspection answer from " + string(r.AnswerSource)
+}
+
+func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest, tr *trail) (*decision, string) {
 	p := st.pol
 	h := req.GetAttributes().GetRequest().GetHttp()
 	rawPath := h.GetPath()
@@ -109,14 +144,17 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 	}
 	path, ok := requestPath(rawPath)
 	if !ok {
+		tr.add("path %q has dot segments or encoded separators: refused rather than guessed at", rawPath)
 		return denyRequest("bad_path", "the request path is not normalized"), ""
 	}
 	var r *route
 	if name, named := req.GetAttributes().GetContextExtensions()["route"]; named {
 		if r = p.byName[name]; r == nil {
 			s.log.Error("context_extensions names an unknown route; check the Envoy route config", "route", name)
+			tr.add("context_extensions names route %q, which the config does not have", name)
 			return denyNoRoute("unknown_route", "no policy for this route"), ""
 		}
+		tr.add("route %q, named by Envoy's context_extensions", name)
 	} else {
 		host := h.GetHost()
 		if host == "" {
@@ -127,17 +165,25 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			method = h.GetHeaders()[":method"]
 		}
 		if r = p.match(host, path, method); r == nil {
+			tr.add("no route matches %s %s on host %q", method, path, host)
 			return denyNoRoute("no_route", "no route matches the request"), ""
 		}
+		tr.add("route %q: the first whose match fits %s %s on host %q", r.name, method, path, host)
 	}
 	if r.anonymous {
+		tr.add("route %q is anonymous: no token needed (claim headers are still stripped)", r.name)
 		return &decision{allow: true, reason: "anonymous", route: r}, ""
 	}
 
 	token, d := credentials(h, rawPath, p.maxTokenBytes)
 	if d != nil {
+		tr.add("credentials: %s", d.desc)
 		d.route = r
 		return d, token
+	}
+	if tr != nil {
+		tr.add("bearer token: %d bytes, %s, sha256 prefix %s", len(token), verify.Describe(token), TokenHash(token))
+		tr.add("issuers accepted on route %q: %s", r.name, strings.Join(r.vpol.Issuers, ", "))
 	}
 	res, err := st.v.Verify(ctx, token, r.vpol)
 	if err != nil {
@@ -145,13 +191,18 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 		var d *decision
 		if ve.Kind == verify.Invalid {
 			d = denyInvalid(ve.Reason, ve.Desc)
+			tr.add("token refused (%s): %s", ve.Reason, ve.Desc)
 		} else {
 			// The cause names the issuer and endpoint, never the token.
 			s.log.Warn("no decision possible", "route", r.name, "issuer", ve.Issuer, "error", err.Error())
 			d = errUnavailable("authorization is temporarily unavailable")
+			tr.add("no decision possible: %v", err)
 		}
 		d.route = r
 		return d, token
+	}
+	if tr != nil {
+		tr.add("token verified: issuer %q, %s, keys from %s%s", res.Issuer.Name(), res.Kind, orDash(res.KeySource), answerNote(res))
 	}
 	if s.denylist != nil {
 		iat, _ := res.Claims.Time("iat")
@@ -160,24 +211,37 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			Issuer:    res.Issuer.ID(), JTI: res.Claims.String("jti"), Sub: res.Claims.String("sub"), IAT: iat,
 		})
 		if revoked {
+			tr.add("revoked by %s", kind)
 			d := denyInvalid("revoked_"+kind, "token has been revoked")
 			d.route, d.result = r, res
 			return d, token
 		}
 	}
 	if missing := r.missingScopes(res.Claims); len(missing) > 0 {
+		tr.add("scopes: route needs %q, token has %q: missing %q", r.scopes, res.Claims.Scopes(), missing)
 		d := denyForbidden("insufficient_scope", "the token lacks a required scope", strings.Join(r.scopes, " "))
 		d.route, d.result = r, res
 		return d, token
+	} else if len(r.scopes) > 0 {
+		tr.add("scopes: route needs %q: all present", r.scopes)
 	}
 	for i := range r.claims {
 		rule := &r.claims[i]
 		v, found := res.Claims.Lookup(rule.claim)
 		if !found || !rule.satisfied(v) {
+			if tr != nil {
+				got := "absent"
+				if found {
+					got, _ = verify.FormatClaim(v)
+					got = fmt.Sprintf("%q (%T)", got, v)
+				}
+				tr.add("claim %s: is %s, accepted: %s", rule.claim, got, rule.describe())
+			}
 			d := denyForbidden("claim_mismatch", "claim "+rule.claim+" does not have an accepted value", "")
 			d.route, d.result = r, res
 			return d, token
 		}
+		tr.add("claim %s: accepted value", rule.claim)
 	}
 	return &decision{allow: true, reason: "ok", route: r, result: res}, token
 }

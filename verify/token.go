@@ -24,6 +24,21 @@ type jwt struct {
 	claims       Claims
 }
 
+// Describe says what a token looks like without verifying it, for
+// explanations: a JWT's alg, kid, typ and iss, or "opaque". It holds no
+// secret (the header and iss are public parts of the token).
+func Describe(raw string) string {
+	if !LooksLikeJWT(raw) {
+		return "opaque (not a compact JWS): goes to introspection"
+	}
+	t, err := parseJWT(raw)
+	if err != nil {
+		return "malformed JWT: " + AsError(err).Desc
+	}
+	iss, _ := t.claims["iss"].(string)
+	return fmt.Sprintf("JWT alg %s, kid %q, typ %q, iss %q", truncate(t.alg, 16), truncate(t.kid, 64), truncate(t.typ, 32), truncate(iss, 200))
+}
+
 // LooksLikeJWT reports whether raw has the shape of a compact JWS (three
 // dot-separated segments), which is how opaque tokens are told apart.
 func LooksLikeJWT(raw string) bool { return strings.Count(raw, ".") == 2 }

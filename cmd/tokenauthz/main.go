@@ -34,6 +34,9 @@ Usage:
   tokenauthz validate   --config FILE     check a config; exit 1 naming every problem
   tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D]
                                           mint a token the demo config accepts
+  tokenauthz check      --config FILE (--token T | --token-file F) [--path P] [--method M] [--host H]
+                        [--header k=v]... [--route NAME]
+                                          explain the decision for one request, step by step
   tokenauthz revoke     --admin URL (--token T | --token-sha256 H | --jti J --issuer N | --sub S --issuer N)
                         [--ttl D]         revoke through a running instance's admin API
                                           (admin token from $TOKENAUTHZ_ADMIN_TOKEN or --admin-token-file)
@@ -89,6 +92,20 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintln(stdout, tok)
 		return 0
+	case "check":
+		o := checkOptions{headers: headerFlags{}}
+		fs.StringVar(&o.config, "config", "", "configuration file (default: the embedded demo config)")
+		fs.StringVar(&o.token, "token", "", "the bearer token")
+		fs.StringVar(&o.tokenFile, "token-file", "", "a file holding the bearer token (keeps it out of shell history)")
+		fs.StringVar(&o.method, "method", "GET", "HTTP method")
+		fs.StringVar(&o.path, "path", "/", "request path (with query, as Envoy sends it)")
+		fs.StringVar(&o.host, "host", "localhost", "host (:authority)")
+		fs.StringVar(&o.route, "route", "", "a route name, as Envoy's context_extensions would give it")
+		fs.Var(o.headers, "header", "a request header name=value (repeatable)")
+		if fs.Parse(args) != nil {
+			return 2
+		}
+		return explain(o, stdout, stderr)
 	case "revoke":
 		var o revokeOptions
 		fs.StringVar(&o.admin, "admin", "http://127.0.0.1:9090", "base URL of an instance's HTTP port")
