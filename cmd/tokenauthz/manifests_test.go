@@ -1,0 +1,227 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
+	securityv1beta1 "istio.io/api/security/v1beta1"
+	appsv1 "k8s.io/api/apps/v1"
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+)
+
+// render builds a kustomization as `kubectl apply -k` would and decodes
+// every object strictly into its upstream API type: a misspelled field
+// fails.
+func render(t *testing.T, dir string) map[string]any {
+	t.Helper()
+	rm, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		t.Fatalf("kustomize build %s: %v", dir, err)
+	}
+	out := map[string]any{}
+	for _, r := range rm.Resources() {
+		y, err := r.AsYAML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var obj any
+		switch r.GetKind() {
+		case "Deployment":
+			obj = &appsv1.Deployment{}
+		case "Service":
+			obj = &corev1.Service{}
+		case "ConfigMap":
+			obj = &corev1.ConfigMap{}
+		case "ServiceAccount":
+			obj = &corev1.ServiceAccount{}
+		case "Namespace":
+			obj = &corev1.Namespace{}
+		case "HorizontalPodAutoscaler":
+			obj = &autoscalingv2.HorizontalPodAutoscaler{}
+		case "PodDisruptionBudget":
+			obj = &policyv1.PodDisruptionBudget{}
+		default:
+			t.Fatalf("%s: no strict decoder for kind %s", dir, r.GetKind())
+		}
+		if err := yaml.UnmarshalStrict(y, obj); err != nil {
+			t.Fatalf("%s %s/%s: %v", dir, r.GetKind(), r.GetName(), err)
+		}
+		out[r.GetKind()+"/"+r.GetName()] = obj
+	}
+	return out
+}
+
+func TestKubernetesManifests(t *testing.T) {
+	for _, dir := range []string{"../../deploy/kubernetes/base", "../../deploy/kubernetes/overlays/redis"} {
+		t.Run(dir, func(t *testing.T) {
+			objs := render(t, dir)
+			d, ok := objs["Deployment/tokenauthz"].(*appsv1.Deployment)
+			if !ok {
+				t.Fatalf("no Deployment/tokenauthz in %v", keys(objs))
+			}
+			if d.Namespace != "tokenauthz" {
+				t.Errorf("namespace %q", d.Namespace)
+			}
+			pod := d.Spec.Template.Spec
+			c := pod.Containers[0]
+			for name, p := range map[string]*corev1.Probe{"readiness": c.ReadinessProbe, "liveness": c.LivenessProbe} {
+				if p == nil || p.GRPC == nil || p.GRPC.Port != 9191 || p.GRPC.Service == nil || *p.GRPC.Service != name {
+					t.Errorf("%s probe is not a native gRPC probe on 9191 for service %q: %+v", name, name, p)
+				}
+			}
+			sc := c.SecurityContext
+			if pod.SecurityContext == nil || pod.SecurityContext.RunAsNonRoot == nil || !*pod.SecurityContext.RunAsNonRoot ||
+				sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem ||
+				sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || sc.Capabilities == nil ||
+				len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" {
+				t.Errorf("security context is not restrictive: pod %+v, container %+v", pod.SecurityContext, sc)
+			}
+			if c.Resources.Limits.Memory().IsZero() || c.Resources.Requests.Cpu().IsZero() {
+				t.Error("resource requests/limits missing")
+			}
+			gomemlimit := false
+			for _, e := range c.Env {
+				if e.Name == "GOMEMLIMIT" && e.ValueFrom != nil && e.ValueFrom.ResourceFieldRef != nil &&
+					e.ValueFrom.ResourceFieldRef.Resource == "limits.memory" {
+					gomemlimit = true
+				}
+			}
+			if !gomemlimit {
+				t.Error("GOMEMLIMIT does not follow the memory limit")
+			}
+			if grace := pod.TerminationGracePeriodSeconds; grace == nil || *grace < 5+15 {
+				t.Error("terminationGracePeriodSeconds is shorter than lameduck + shutdown_timeout")
+			}
+
+			svc := objs["Service/tokenauthz"].(*corev1.Service)
+			if p := svc.Spec.Ports[0]; p.Name != "grpc" || p.Port != 9191 || p.AppProtocol == nil || *p.AppProtocol != "grpc" {
+				t.Errorf("service port %+v: want grpc/9191 with appProtocol grpc", p)
+			}
+			for k, v := range svc.Spec.Selector {
+				if d.Spec.Template.Labels[k] != v {
+					t.Errorf("service selector %s=%s does not select the pods %v", k, v, d.Spec.Template.Labels)
+				}
+			}
+			if hpa := objs["HorizontalPodAutoscaler/tokenauthz"].(*autoscalingv2.HorizontalPodAutoscaler); hpa.Spec.ScaleTargetRef.Name != d.Name ||
+				hpa.Spec.MinReplicas == nil || *hpa.Spec.MinReplicas < 2 {
+				t.Errorf("HPA %+v", hpa.Spec)
+			}
+			pdb := objs["PodDisruptionBudget/tokenauthz"].(*policyv1.PodDisruptionBudget)
+			sel, err := metav1.LabelSelectorAsSelector(pdb.Spec.Selector)
+			if err != nil || !sel.Matches(labels.Set(d.Spec.Template.Labels)) {
+				t.Errorf("the PDB does not select the pods: %v", err)
+			}
+
+			// The mounted config is a valid tokenauthz config (secret files
+			// live in the cluster, not here), and the pod mounts it where
+			// the args say.
+			var cm *corev1.ConfigMap
+			for k, o := range objs {
+				if strings.HasPrefix(k, "ConfigMap/tokenauthz-config") {
+					cm = o.(*corev1.ConfigMap)
+				}
+			}
+			if cm == nil {
+				t.Fatal("no tokenauthz-config ConfigMap")
+			}
+			if pod.Volumes[0].ConfigMap == nil || pod.Volumes[0].ConfigMap.Name != cm.Name {
+				t.Errorf("the pod mounts ConfigMap %v, the build made %s", pod.Volumes[0].ConfigMap, cm.Name)
+			}
+			if c.Args[2] != c.VolumeMounts[0].MountPath+"/config.yaml" {
+				t.Errorf("args %v do not point into the config mount %s", c.Args, c.VolumeMounts[0].MountPath)
+			}
+			if _, err := parseConfig([]byte(cm.Data["config.yaml"]), dir); err != nil {
+				for _, p := range err.(*configError).problems {
+					if !strings.Contains(p, "no such file") {
+						t.Errorf("config.yaml: %s", p)
+					}
+				}
+			}
+			if strings.HasSuffix(dir, "redis") {
+				if objs["Deployment/tokenauthz-redis"] == nil || !strings.Contains(cm.Data["config.yaml"], "tokenauthz-redis:6379") {
+					t.Error("the redis overlay adds no Redis or does not point the config at it")
+				}
+				if objs["Deployment/tokenauthz-redis"].(*appsv1.Deployment).Namespace != "tokenauthz" {
+					t.Error("redis is not in the tokenauthz namespace")
+				}
+			}
+		})
+	}
+}
+
+func keys(m map[string]any) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+func TestIstioResources(t *testing.T) {
+	mesh, err := os.ReadFile("../../deploy/istio/meshconfig.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mj, err := yaml.YAMLToJSON(mesh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mc meshv1alpha1.MeshConfig
+	if err := protojson.Unmarshal(mj, &mc); err != nil {
+		t.Fatalf("meshconfig.yaml is not an Istio MeshConfig: %v", err)
+	}
+	if len(mc.GetExtensionProviders()) != 1 {
+		t.Fatal("no extension provider")
+	}
+	p := mc.GetExtensionProviders()[0]
+	g := p.GetEnvoyExtAuthzGrpc()
+	if g == nil || g.GetPort() != 9191 || g.GetTimeout().AsDuration() == 0 || g.GetFailOpen() || g.GetStatusOnError() != "503" ||
+		g.GetService() != "tokenauthz.tokenauthz.svc.cluster.local" {
+		t.Errorf("provider %v: want envoyExtAuthzGrpc on tokenauthz:9191, explicit timeout, fail closed", p)
+	}
+
+	ap, err := os.ReadFile("../../deploy/istio/authorizationpolicy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wrapper struct {
+		APIVersion string            `json:"apiVersion"`
+		Kind       string            `json:"kind"`
+		Metadata   metav1.ObjectMeta `json:"metadata"`
+		Spec       json.RawMessage   `json:"spec"`
+	}
+	if err := yaml.UnmarshalStrict(ap, &wrapper); err != nil {
+		t.Fatal(err)
+	}
+	var pol securityv1beta1.AuthorizationPolicy
+	if err := protojson.Unmarshal(wrapper.Spec, &pol); err != nil {
+		t.Fatalf("authorizationpolicy.yaml spec: %v", err)
+	}
+	if wrapper.Kind != "AuthorizationPolicy" || wrapper.APIVersion != "security.istio.io/v1" ||
+		pol.GetAction() != securityv1beta1.AuthorizationPolicy_CUSTOM || pol.GetProvider().GetName() != p.GetName() {
+		t.Errorf("policy %s %s: action %v provider %q, want CUSTOM with provider %q", wrapper.APIVersion, wrapper.Kind,
+			pol.GetAction(), pol.GetProvider().GetName(), p.GetName())
+	}
+
+	// The README shows these files as they are.
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"meshconfig.yaml": mesh, "authorizationpolicy.yaml": ap} {
+		if !strings.Contains(string(readme), string(b)) {
+			t.Errorf("README does not show deploy/istio/%s as it is", name)
+		}
+	}
+}
