@@ -25,8 +25,12 @@ type fileConfig struct {
 }
 
 type serverConfig struct {
-	// GRPCAddr is where Envoy calls Check. Default ":9191".
+	// GRPCAddr is where Envoy calls Check: host:port, or unix:///path for a
+	// unix domain socket. Default ":9191".
 	GRPCAddr string `yaml:"grpc_addr"`
+	// TLS, when set, serves the gRPC port over TLS (mutual TLS with
+	// client_ca_file); the files are reloaded when they change.
+	TLS *tlsConfig `yaml:"tls"`
 	// HTTPAddr serves /healthz and /readyz. Default ":9090"; "off" disables.
 	HTTPAddr string `yaml:"http_addr"`
 	// Reflection registers gRPC server reflection (so grpcurl needs no proto
@@ -150,6 +154,9 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	}
 	if _, err := parseLevel(cfg.Server.LogLevel); err != nil {
 		problems = append(problems, "server.log_level: "+err.Error())
+	}
+	if cfg.Server.TLS != nil {
+		problems = append(problems, cfg.Server.TLS.validate()...)
 	}
 	if cfg.Server.Lameduck < 0 {
 		problems = append(problems, "server.lameduck: must be positive")

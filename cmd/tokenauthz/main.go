@@ -141,7 +141,7 @@ func serve(path string, stderr io.Writer) int {
 	if path == "" {
 		log.Warn("running on the embedded DEMO config: it trusts a published demo key; never use it in production")
 	}
-	grpcLis, err := net.Listen("tcp", cfg.Server.GRPCAddr)
+	grpcLis, err := listen(cfg.Server.GRPCAddr)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
@@ -201,10 +201,17 @@ func demoToken(sub, scope, email string, ttl time.Duration) (string, error) {
 	return string(signed), nil
 }
 
+// buildVersion is set at build time (-ldflags "-X main.buildVersion=v1.2.3"),
+// as the Dockerfile does.
+var buildVersion string
+
 func version() string {
-	v := "devel"
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+	v := buildVersion
+	if bi, ok := debug.ReadBuildInfo(); v == "" && ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
 		v = bi.Main.Version
+	}
+	if v == "" {
+		v = "devel"
 	}
 	return "tokenauthz " + v
 }

@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc/filters"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -122,9 +123,18 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		defer inflight.Add(-1)
 		return h(ctx, req)
 	}
-	gs := grpc.NewServer(grpc.UnaryInterceptor(countCalls), grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(tp),
+	serverOpts := []grpc.ServerOption{grpc.UnaryInterceptor(countCalls)}
+	if cfg.Server.TLS != nil {
+		certs, err := newCertReloader(*cfg.Server.TLS, log)
+		if err != nil {
+			return fmt.Errorf("tls: %w", err)
+		}
+		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(certs.tlsServerConfig())))
+	}
+	serverOpts = append(serverOpts, grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(tp),
 		otelgrpc.WithPropagators(prop), otelgrpc.WithFilter(filters.None(filters.HealthCheck(),
 			filters.ServicePrefix("grpc.reflection."))))))
+	gs := grpc.NewServer(serverOpts...)
 	authv3.RegisterAuthorizationServer(gs, srv)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
