@@ -32,6 +32,20 @@ type Config struct {
 	// Redis, when set, shares key sets, answers and revocations across the
 	// fleet.
 	Redis *RedisConfig `yaml:"redis"`
+	// VerifiedTokens tunes the in-process cache of tokens that passed local
+	// verification (never shared: verifying is cheaper than a Redis trip).
+	VerifiedTokens VerifiedTokensConfig `yaml:"verified_tokens"`
+}
+
+// VerifiedTokensConfig is cache.verified_tokens.
+type VerifiedTokensConfig struct {
+	// MaxBytes bounds its memory. Default 32 MiB.
+	MaxBytes uint64 `yaml:"max_bytes"`
+	// MaxTTL bounds an entry's life (it never outlives the token's exp).
+	// Default 10m.
+	MaxTTL time.Duration `yaml:"max_ttl"`
+	// Disabled verifies every token on every request.
+	Disabled bool `yaml:"disabled"`
 }
 
 // Validate returns every problem in c, each naming its key.
@@ -42,6 +56,9 @@ func (c *Config) Validate() []string {
 	}
 	if c.Redis != nil {
 		p = append(p, c.Redis.validate()...)
+	}
+	if c.VerifiedTokens.MaxTTL < 0 {
+		p = append(p, "cache.verified_tokens.max_ttl: must be positive")
 	}
 	return p
 }

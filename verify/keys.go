@@ -104,6 +104,7 @@ type keySet struct {
 	skipped   int          // keys in the document that cannot verify (enc, weak, oct, …)
 	doc       []byte       // the JWKS document, shared with other pods through Redis
 	src       cache.Source // where it was loaded from
+	gen       uint64       // the content's generation (remoteKeys.gen)
 }
 
 func (s *keySet) hasKid(kid string) bool {

@@ -1,6 +1,7 @@
 package verify
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -37,6 +38,8 @@ type keySource interface {
 	loaded() bool
 	// current is the set held now (nil if none), without loading.
 	current() *keySet
+	// generation changes whenever the set's content does.
+	generation() uint64
 	// run refreshes in the background until ctx ends.
 	run(ctx context.Context)
 }
@@ -48,6 +51,7 @@ func (s staticKeys) keys(context.Context) (*keySet, error)    { return s.set, ni
 func (s staticKeys) refetch(context.Context, *keySet) *keySet { return s.set }
 func (s staticKeys) loaded() bool                             { return true }
 func (s staticKeys) current() *keySet                         { return s.set }
+func (s staticKeys) generation() uint64                       { return 0 }
 func (s staticKeys) run(context.Context)                      {}
 
 // remoteKeys fetches a JWKS over HTTP, either from a fixed URL or from the
@@ -79,6 +83,9 @@ type remoteKeys struct {
 	fetches atomic.Int64
 	// running counts refresh loops (0 or 1), for tests of Retire.
 	running atomic.Int32
+	// gen numbers key set contents (keySet.gen), so verified tokens can
+	// tell they were verified under keys since replaced.
+	gen atomic.Uint64
 
 	mu            sync.Mutex
 	doc           *discoveryDoc // from discovery; nil until read, and after the jwks_uri failed
@@ -89,6 +96,12 @@ type remoteKeys struct {
 
 func (r *remoteKeys) loaded() bool     { return r.cur.Load() != nil }
 func (r *remoteKeys) current() *keySet { return r.cur.Load() }
+func (r *remoteKeys) generation() uint64 {
+	if ks := r.cur.Load(); ks != nil {
+		return ks.gen
+	}
+	return 0
+}
 
 func (r *remoteKeys) usable(ks *keySet) bool {
 	return ks != nil && r.now().Before(ks.refreshAt.Add(r.cfg.MaxStale))
@@ -229,6 +242,13 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 }
 
 func (r *remoteKeys) install(ks *keySet) {
+	// Tokens verified under other keys must be verified again (a key may
+	// have been withdrawn); the same document keeps its generation.
+	if prev := r.cur.Load(); prev != nil && bytes.Equal(prev.doc, ks.doc) {
+		ks.gen = prev.gen
+	} else {
+		ks.gen = r.gen.Add(1)
+	}
 	prev := r.cur.Swap(ks)
 	if prev == nil || !sameKids(prev, ks) {
 		r.log.Info("key set loaded", "issuer", r.issuer, "keys", len(ks.keys), "skipped", ks.skipped,

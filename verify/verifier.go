@@ -41,19 +41,37 @@ type Options struct {
 	Propagator     propagation.TextMapPropagator
 	// Observer receives events for metrics. Default: none.
 	Observer Observer
+	// VerifiedTokens bounds the cache of tokens that passed local
+	// verification.
+	VerifiedTokens VerifiedCacheOptions
+}
+
+// VerifiedCacheOptions tune the verified-token cache: a token seen before
+// is recognised by its SHA-256 and its claims reused, without parsing or
+// signature work, until its exp (plus leeway) or MaxTTL. Route checks,
+// revocation and introspection still run on every request; an entry is
+// ignored once its issuer's config or keys change.
+type VerifiedCacheOptions struct {
+	// MaxBytes bounds its memory. Default 32 MiB.
+	MaxBytes uint64
+	// MaxTTL bounds how long an entry lives. Default 10m.
+	MaxTTL time.Duration
+	// Disabled verifies every token every time.
+	Disabled bool
 }
 
 // Verifier verifies JWTs for a fixed set of issuers. It is safe for
 // concurrent use.
 type Verifier struct {
-	byIss   map[string]*Issuer
-	byName  map[string]*Issuer
-	now     func() time.Time
-	answers *answers
-	shared  *cache.Shared
-	tel     *telemetry
-	opts    Options
-	stop    context.CancelFunc // ends the key-set subscription (set by Start)
+	byIss    map[string]*Issuer
+	byName   map[string]*Issuer
+	now      func() time.Time
+	answers  *answers
+	verified *cache.Cache[*verified] // nil when disabled
+	shared   *cache.Shared
+	tel      *telemetry
+	opts     Options
+	stop     context.CancelFunc // ends the key-set subscription (set by Start)
 }
 
 // Issuer is one configured issuer with its key source.
@@ -103,7 +121,21 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 	if o.Shared != nil {
 		answers.Share(o.Shared, "answer:", answerCodec)
 	}
-	return build(cfgs, o, tel, answers, nil)
+	var ver *cache.Cache[*verified]
+	if !o.VerifiedTokens.Disabled {
+		if o.VerifiedTokens.MaxBytes == 0 {
+			o.VerifiedTokens.MaxBytes = 32 << 20
+		}
+		if o.VerifiedTokens.MaxTTL <= 0 {
+			o.VerifiedTokens.MaxTTL = 10 * time.Minute
+		}
+		ver = cache.New(cache.Options{MaxBytes: o.VerifiedTokens.MaxBytes, Now: o.Now}, func(e *verified) int { return e.size })
+	}
+	v, err := build(cfgs, o, tel, answers, nil)
+	if v != nil {
+		v.verified = ver
+	}
+	return v, err
 }
 
 // Reload builds a Verifier for cfgs that keeps every issuer of v whose
@@ -111,7 +143,11 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 // refresh loop, and shares v's answer cache. Start the new Verifier, swap it
 // in, then Retire v.
 func (v *Verifier) Reload(cfgs []IssuerConfig) (*Verifier, error) {
-	return build(cfgs, v.opts, v.tel, v.answers, v)
+	nv, err := build(cfgs, v.opts, v.tel, v.answers, v)
+	if nv != nil {
+		nv.verified = v.verified // entries of changed issuers are ignored on use
+	}
+	return nv, err
 }
 
 func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, prev *Verifier) (*Verifier, error) {
@@ -428,6 +464,18 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 }
 
 func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) (*Result, error) {
+	var key string
+	if v.verified != nil {
+		sum := sha256.Sum256([]byte(raw))
+		key = string(sum[:])
+		if e, ok := v.verified.Peek(key); ok && v.byName[e.is.name] == e.is && e.keyGen == e.is.keyGeneration() {
+			v.tel.obs.Served("tokens", cache.FromMemory)
+			if !slices.Contains(allowed, e.is.name) {
+				return nil, invalid("issuer_not_allowed", "token issuer is not accepted for this route")
+			}
+			return &Result{Issuer: e.is, Claims: e.claims, Expiry: e.exp, Kind: KindJWT, KeySource: cache.FromMemory}, nil
+		}
+	}
 	t, err := parseJWT(raw)
 	if err != nil {
 		return nil, err
@@ -443,15 +491,42 @@ func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) 
 	if !slices.Contains(allowed, is.name) {
 		return nil, invalid("issuer_not_allowed", "token issuer is not accepted for this route")
 	}
-	src, err := is.verifySignature(ctx, t)
+	src, gen, err := is.verifySignature(ctx, t)
 	if err != nil {
 		return nil, err
 	}
-	exp, err := is.checkClaims(t.claims, v.now(), false)
+	now := v.now()
+	exp, err := is.checkClaims(t.claims, now, false)
 	if err != nil {
 		return nil, err
+	}
+	if v.verified != nil {
+		v.tel.obs.Served("tokens", cache.FromOrigin)
+		ttl := v.opts.VerifiedTokens.MaxTTL
+		if !exp.IsZero() {
+			ttl = min(ttl, exp.Add(is.leeway).Sub(now))
+		}
+		v.verified.Set(key, &verified{is: is, claims: t.claims, exp: exp, keyGen: gen, size: len(raw) * 2}, ttl)
 	}
 	return &Result{Issuer: is, Claims: t.claims, Expiry: exp, Kind: KindJWT, KeySource: src}, nil
+}
+
+// verified is a token that passed local verification under an issuer's
+// config (the *Issuer) and keys (keyGen). Its claims are shared by every
+// request that presents the token, so nothing may modify them.
+type verified struct {
+	is     *Issuer
+	claims Claims
+	exp    time.Time
+	keyGen uint64
+	size   int
+}
+
+func (is *Issuer) keyGeneration() uint64 {
+	if is.src == nil {
+		return 0
+	}
+	return is.src.generation()
 }
 
 // introspectOpaque asks the accepted issuers that have an introspection
@@ -522,28 +597,28 @@ func (v *Verifier) enrich(ctx context.Context, res *Result, raw string, tk token
 }
 
 // verifySignature checks t's signature with the issuer's keys and says
-// where the keys came from for this request.
-func (is *Issuer) verifySignature(ctx context.Context, t *jwt) (cache.Source, error) {
+// where the keys came from for this request and their generation.
+func (is *Issuer) verifySignature(ctx context.Context, t *jwt) (cache.Source, uint64, error) {
 	spec, ok := is.algs[t.alg]
 	if !ok {
-		return "", invalid("alg_not_allowed", "token algorithm "+truncate(t.alg, 16)+" is not allowed for this issuer")
+		return "", 0, invalid("alg_not_allowed", "token algorithm "+truncate(t.alg, 16)+" is not allowed for this issuer")
 	}
 	if want := is.cfg.TokenType; want != "" && !typeMatches(t.typ, want) {
-		return "", invalid("wrong_type", "token type must be "+want)
+		return "", 0, invalid("wrong_type", "token type must be "+want)
 	}
 	if spec.kty == ktyOct {
 		// The one shared secret; a kid on an HMAC token selects nothing.
 		if spec.verifier.Verify([]byte(t.signingInput), t.signature, is.hmacKey.raw) != nil {
-			return cache.FromMemory, invalid("bad_signature", "token signature is invalid")
+			return cache.FromMemory, 0, invalid("bad_signature", "token signature is invalid")
 		}
-		return cache.FromMemory, nil
+		return cache.FromMemory, 0, nil
 	}
 	if is.src == nil {
-		return "", invalid("alg_not_allowed", "issuer has no key set for "+t.alg)
+		return "", 0, invalid("alg_not_allowed", "issuer has no key set for "+t.alg)
 	}
 	ks, src, err := is.lookupKeys(ctx, t.kid)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	_, span := is.tel.start(ctx, "tokenauthz.verify.signature", attribute.String("jwt.alg", t.alg))
 	defer span.End()
@@ -555,13 +630,13 @@ func (is *Issuer) verifySignature(ctx context.Context, t *jwt) (cache.Source, er
 		}
 		tried = true
 		if spec.verifier.Verify([]byte(t.signingInput), t.signature, k.raw) == nil {
-			return src, nil
+			return src, ks.gen, nil
 		}
 	}
 	if !tried {
-		return src, invalid("key_mismatch", "no key of the issuer fits the token's algorithm and key id")
+		return src, 0, invalid("key_mismatch", "no key of the issuer fits the token's algorithm and key id")
 	}
-	return src, invalid("bad_signature", "token signature is invalid")
+	return src, 0, invalid("bad_signature", "token signature is invalid")
 }
 
 // lookupKeys returns the issuer's key set holding kid (when the token names

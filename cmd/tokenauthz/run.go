@@ -88,6 +88,7 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		log.Info("redis tier on", "addrs", rc.Addrs, "master_name", rc.MasterName, "hmac", rc.HMACKeyFile != "" || rc.HMACKeyEnv != "")
 	}
 	v, err := verify.New(cfg.Issuers, verify.Options{Logger: log, CacheMaxBytes: cfg.Cache.MaxBytes, Shared: shared,
+		VerifiedTokens: verify.VerifiedCacheOptions(cfg.Cache.VerifiedTokens),
 		TracerProvider: tp, Propagator: prop, Observer: met})
 	if err != nil {
 		return err
