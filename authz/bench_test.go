@@ -3,64 +3,168 @@ package authz_test
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/rsa"
 	"crypto/sha256"
+	"net"
 	"testing"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"go.opentelemetry.io/otel/trace/noop"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/tokenauthz/tokenauthz/authz"
 	"github.com/tokenauthz/tokenauthz/verify"
 	"github.com/tokenauthz/tokenauthz/verify/idptest"
 )
 
-// BenchmarkCheck measures the whole decision in process (no network) for a
-// valid token. There is no verified-token cache yet, so each call includes
-// the signature check; compare with BenchmarkBareRSAVerify.
-func BenchmarkCheck(b *testing.B) {
+// benchServer is the README's typical policy for one issuer and algorithm.
+func benchServer(b *testing.B, alg string, vo verify.Options) (*authz.Server, *idptest.Key, *idptest.IdP) {
+	b.Helper()
+	k := idptest.NewKey(b, "k", alg)
+	idp := idptest.New(b, k)
+	cfg := &authz.Config{
+		Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud},
+			JWKSURI: idp.JWKSURL(), Algorithms: []string{alg}}},
+		Routes:  []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}, Scopes: []string{"read"}}},
+		Headers: map[string]string{"x-user-id": "sub", "x-user-scopes": "scope"},
+	}
+	v, err := verify.New(cfg.Issuers, vo)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv, err := authz.NewServer(cfg, v, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	// As serve runs without an OTLP endpoint configured.
+	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider()})
+	return srv, k, idp
+}
+
+func benchToken(b *testing.B, k *idptest.Key, idp *idptest.IdP) string {
+	c := idp.Claims(aud)
+	c["scope"] = "read write"
+	return idptest.Mint(b, k, c)
+}
+
+func runChecks(b *testing.B, srv *authz.Server, r *authv3.CheckRequest) {
+	ctx := context.Background()
+	if resp, _ := srv.Check(ctx, r); resp.GetStatus().GetCode() != 0 { // warms keys (and the cache)
+		b.Fatal("denied")
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		resp, _ := srv.Check(ctx, r)
+		if resp.GetStatus().GetCode() != 0 {
+			b.Fatal("denied")
+		}
+	}
+}
+
+// BenchmarkCheckWarm is the common case: a token seen before, answered from
+// the verified-token cache; the route checks and the response still run.
+func BenchmarkCheckWarm(b *testing.B) {
+	srv, k, idp := benchServer(b, "RS256", verify.Options{})
+	runChecks(b, srv, req{headers: bearer(benchToken(b, k, idp))}.proto())
+}
+
+// BenchmarkCheckCold verifies every time (verified-token cache off): the
+// whole decision per algorithm, to compare with BenchmarkBare*.
+func BenchmarkCheckCold(b *testing.B) {
 	for _, alg := range []string{"RS256", "ES256", "EdDSA"} {
 		b.Run(alg, func(b *testing.B) {
-			k := idptest.NewKey(b, "k", alg)
-			idp := idptest.New(b, k)
-			cfg := &authz.Config{
-				Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud},
-					JWKSURI: idp.JWKSURL(), Algorithms: []string{alg}}},
-				Routes:  []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}}},
-				Headers: map[string]string{"x-user-id": "sub", "x-user-scopes": "scope"},
-			}
-			v, err := verify.New(cfg.Issuers, verify.Options{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			srv, err := authz.NewServer(cfg, v, nil)
-			if err != nil {
-				b.Fatal(err)
-			}
-			r := req{headers: bearer(idptest.Mint(b, k, idp.Claims(aud)))}.proto()
-			ctx := context.Background()
-			b.ReportAllocs()
-			for b.Loop() {
-				resp, _ := srv.Check(ctx, r)
-				if resp.GetStatus().GetCode() != 0 {
-					b.Fatal("denied")
-				}
-			}
+			srv, k, idp := benchServer(b, alg, verify.Options{VerifiedTokens: verify.VerifiedCacheOptions{Disabled: true}})
+			runChecks(b, srv, req{headers: bearer(benchToken(b, k, idp))}.proto())
 		})
 	}
 }
 
-// BenchmarkBareRSAVerify is the floor for an RS256 check: one PKCS#1 v1.5
-// verification of a 2048-bit signature.
-func BenchmarkBareRSAVerify(b *testing.B) {
-	k := idptest.NewKey(b, "k", "RS256").Private.(*rsa.PrivateKey)
-	sum := sha256.Sum256([]byte("header.payload"))
-	sig, err := rsa.SignPKCS1v15(nil, k, crypto.SHA256, sum[:])
+// BenchmarkBare is the floor for a cold check: the signature verification
+// alone (SHA-256 of the signing input included), per algorithm.
+func BenchmarkBare(b *testing.B) {
+	input := []byte("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEiLCJhdWQiOiJvcmRlcnMtYXBpIn0")
+	b.Run("RS256", func(b *testing.B) {
+		k := idptest.NewKey(b, "k", "RS256").Private.(*rsa.PrivateKey)
+		sum := sha256.Sum256(input)
+		sig, _ := rsa.SignPKCS1v15(nil, k, crypto.SHA256, sum[:])
+		b.ReportAllocs()
+		for b.Loop() {
+			h := sha256.Sum256(input)
+			if rsa.VerifyPKCS1v15(&k.PublicKey, crypto.SHA256, h[:], sig) != nil {
+				b.Fatal("verify failed")
+			}
+		}
+	})
+	b.Run("ES256", func(b *testing.B) {
+		k := idptest.NewKey(b, "k", "ES256").Private.(*ecdsa.PrivateKey)
+		sum := sha256.Sum256(input)
+		sig, _ := ecdsa.SignASN1(nil, k, sum[:])
+		b.ReportAllocs()
+		for b.Loop() {
+			h := sha256.Sum256(input)
+			if !ecdsa.VerifyASN1(&k.PublicKey, h[:], sig) {
+				b.Fatal("verify failed")
+			}
+		}
+	})
+	b.Run("EdDSA", func(b *testing.B) {
+		k := idptest.NewKey(b, "k", "EdDSA").Private.(ed25519.PrivateKey)
+		sig := ed25519.Sign(k, input)
+		pub := k.Public().(ed25519.PublicKey)
+		b.ReportAllocs()
+		for b.Loop() {
+			if !ed25519.Verify(pub, input, sig) {
+				b.Fatal("verify failed")
+			}
+		}
+	})
+}
+
+// BenchmarkCheckGRPC is a warm check through the generated client and a
+// real gRPC server on loopback (both in this process, sharing the cores).
+func BenchmarkCheckGRPC(b *testing.B) {
+	srv, k, idp := benchServer(b, "RS256", verify.Options{})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
+	gs := grpc.NewServer()
+	authv3.RegisterAuthorizationServer(gs, srv)
+	go func() { _ = gs.Serve(lis) }()
+	defer gs.Stop()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	c := authv3.NewAuthorizationClient(conn)
+	r := req{headers: bearer(benchToken(b, k, idp))}.proto()
+	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
-		h := sha256.Sum256([]byte("header.payload"))
-		if rsa.VerifyPKCS1v15(&k.PublicKey, crypto.SHA256, h[:], sig) != nil {
-			b.Fatal("verify failed")
+		resp, err := c.Check(ctx, r)
+		if err != nil || resp.GetStatus().GetCode() != 0 {
+			b.Fatal("denied")
 		}
 	}
+}
+
+// BenchmarkCheckOpaque is a check of an opaque token whose introspection
+// answer is cached in this pod's memory. (The Redis path, for a pod that has
+// not seen the token, is cache.BenchmarkGetFromRedis.)
+func BenchmarkCheckOpaque(b *testing.B) {
+	f := newIntroFixture(b, "client_secret_basic")
+	v, err := verify.New(f.cfg.Issuers, verify.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv, err := authz.NewServer(f.cfg, v, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider()})
+	runChecks(b, srv, req{headers: bearer(f.opaque(nil))}.proto())
 }

@@ -2,6 +2,7 @@ package authz
 
 import (
 	"encoding/json"
+	"slices"
 	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -71,10 +72,13 @@ func errInternal() *decision {
 func setHeader(k, v string) *corev3.HeaderValueOption {
 	return &corev3.HeaderValueOption{
 		Header:       &corev3.HeaderValue{Key: k, Value: v},
-		Append:       wrapperspb.Bool(false),
+		Append:       appendFalse,
 		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
 	}
 }
+
+// appendFalse is shared by every response: gRPC only reads it.
+var appendFalse = wrapperspb.Bool(false)
 
 // response turns a decision into a CheckResponse. Denials are denied_response;
 // UNAVAILABLE becomes an error_response (Envoy ≥ 1.37 treats it as an error,
@@ -148,33 +152,27 @@ func quoteSafe(s string) string {
 
 func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, headerMap []*corev3.HeaderValue) *authv3.CheckResponse {
 	ok := &authv3.OkHttpResponse{}
-	set := map[string]bool{}
-	if d.result != nil {
-		for _, ch := range p.headers {
-			v, found := d.result.Claims.Lookup(ch.claim)
-			if !found {
-				continue
-			}
-			s, fine := verify.FormatClaim(v)
-			if !fine || !validHeaderValue(s) {
-				continue // removed below: better no header than a broken one
-			}
-			ok.Headers = append(ok.Headers, setHeader(ch.header, s))
-			set[ch.header] = true
-		}
-	}
+	// Claim headers are set, or removed when the token lacks the claim, so
+	// a client's copy never reaches the upstream.
+	var remove []string
 	for _, ch := range p.headers {
-		if !set[ch.header] {
-			ok.HeadersToRemove = append(ok.HeadersToRemove, ch.header)
-			set[ch.header] = true // listed once
+		if d.result != nil {
+			if v, found := d.result.Claims.Lookup(ch.claim); found {
+				// A value that cannot be a header is dropped: better no header
+				// than a broken one.
+				if s, fine := verify.FormatClaim(v); fine && validHeaderValue(s) {
+					ok.Headers = append(ok.Headers, setHeader(ch.header, s))
+					continue
+				}
+			}
 		}
+		remove = append(remove, ch.header)
 	}
 	if p.reserved != "" {
 		strip := func(k string) {
 			k = strings.ToLower(k)
-			if strings.HasPrefix(k, p.reserved) && !set[k] {
-				ok.HeadersToRemove = append(ok.HeadersToRemove, k)
-				set[k] = true
+			if strings.HasPrefix(k, p.reserved) && !slices.Contains(remove, k) && !p.isClaimHeader(k) {
+				remove = append(remove, k)
 			}
 		}
 		for k := range reqHeaders {
@@ -185,27 +183,40 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 		}
 	}
 	if p.stripAuthz {
-		ok.HeadersToRemove = append(ok.HeadersToRemove, "authorization")
+		remove = append(remove, "authorization")
 	}
+	ok.HeadersToRemove = remove
 	resp := &authv3.CheckResponse{
-		Status:       &status.Status{Code: int32(codes.OK)},
+		Status:       okStatus,
 		HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: ok},
 	}
-	resp.DynamicMetadata = d.metadata()
+	resp.DynamicMetadata = d.metadata(p)
 	return resp
 }
 
+// okStatus is shared by every allow: gRPC only reads it.
+var okStatus = &status.Status{Code: int32(codes.OK)}
+
 // metadata is what Envoy's later filters and access logs see, under the
-// namespace envoy.filters.http.ext_authz.
-func (d *decision) metadata() *structpb.Struct {
-	f := map[string]*structpb.Value{"route": structpb.NewStringValue(d.route.name)}
+// namespace envoy.filters.http.ext_authz. Route and issuer values are built
+// once per config.
+func (d *decision) metadata(p *policy) *structpb.Struct {
+	f := make(map[string]*structpb.Value, 4)
+	f["route"] = d.route.metaName
 	if r := d.result; r != nil {
-		f["issuer"] = structpb.NewStringValue(r.Issuer.Name())
+		f["issuer"] = p.issuerValue(r.Issuer.Name())
 		if sub := r.Claims.String("sub"); sub != "" {
 			f["sub"] = structpb.NewStringValue(sub)
 		}
-		if sc := r.Claims.Scopes(); len(sc) > 0 {
-			f["scope"] = structpb.NewStringValue(strings.Join(sc, " "))
+		switch sc := r.Claims["scope"].(type) {
+		case string: // the usual form: as it is, no re-joining
+			if sc != "" {
+				f["scope"] = structpb.NewStringValue(sc)
+			}
+		default:
+			if scopes := r.Claims.Scopes(); len(scopes) > 0 {
+				f["scope"] = structpb.NewStringValue(strings.Join(scopes, " "))
+			}
 		}
 	}
 	return &structpb.Struct{Fields: f}

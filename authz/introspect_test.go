@@ -38,7 +38,7 @@ type introFixture struct {
 
 // newIntroFixture: one IdP with a JWKS, introspection (client authenticated
 // with method) and userinfo; routes for each option.
-func newIntroFixture(t *testing.T, method string) *introFixture {
+func newIntroFixture(t testing.TB, method string) *introFixture {
 	t.Helper()
 	key := idptest.NewKey(t, "k1", "RS256")
 	idp := idptest.New(t, key)
@@ -84,7 +84,7 @@ func (f *introFixture) opaque(extra map[string]any) string {
 
 // jwt mints a JWT with a unique jti (RS256 signatures are deterministic, so
 // two tokens minted in one second would otherwise be the same token).
-func (f *introFixture) jwt(t *testing.T) string {
+func (f *introFixture) jwt(t testing.TB) string {
 	c := f.idp.Claims(aud)
 	f.seq++
 	c["iat"], c["exp"], c["jti"] = f.clk.Unix(), f.clk.Unix()+3600, fmt.Sprint("jti-", f.seq)

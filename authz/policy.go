@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strings"
 
+	"google.golang.org/protobuf/types/known/structpb"
+
 	"github.com/tokenauthz/tokenauthz/verify"
 )
 
@@ -20,6 +22,23 @@ type policy struct {
 	realm         string
 	stripAuthz    bool
 	maxTokenBytes int
+	issuerMeta    map[string]*structpb.Value // issuer name → metadata value
+}
+
+func (p *policy) issuerValue(name string) *structpb.Value {
+	if v, ok := p.issuerMeta[name]; ok {
+		return v
+	}
+	return structpb.NewStringValue(name)
+}
+
+func (p *policy) isClaimHeader(h string) bool {
+	for _, ch := range p.headers {
+		if ch.header == h {
+			return true
+		}
+	}
+	return false
 }
 
 type route struct {
@@ -29,7 +48,8 @@ type route struct {
 	prefix    string
 	methods   []string
 	anonymous bool
-	vpol      verify.Policy // what the token must pass in verify
+	metaName  *structpb.Value // the name as dynamic metadata, shared by responses
+	vpol      verify.Policy   // what the token must pass in verify
 	scopes    []string
 	claims    []claimRule
 }
@@ -59,14 +79,16 @@ func compile(c *Config) (*policy, error) {
 		p.maxTokenBytes = defaultMaxTokenBytes
 	}
 	var allIssuers []string
+	p.issuerMeta = map[string]*structpb.Value{}
 	for _, is := range c.Issuers {
 		allIssuers = append(allIssuers, is.Name)
+		p.issuerMeta[is.Name] = structpb.NewStringValue(is.Name)
 	}
 	for _, rc := range c.Routes {
 		r := &route{
 			name: rc.Name, host: strings.ToLower(rc.Match.Host), path: rc.Match.Path,
 			prefix: strings.TrimSuffix(rc.Match.PathPrefix, "/"), methods: rc.Match.Methods,
-			anonymous: rc.Anonymous, scopes: rc.Scopes,
+			anonymous: rc.Anonymous, scopes: rc.Scopes, metaName: structpb.NewStringValue(rc.Name),
 			vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
 		}
 		if len(r.vpol.Issuers) == 0 {
@@ -215,22 +237,12 @@ func (r *route) matches(host, path, method string) bool {
 	return true
 }
 
-// missingScopes returns the route's scopes the token lacks.
+// missingScopes returns the route's scopes the token lacks. It allocates
+// only when some are missing: it runs on every request.
 func (r *route) missingScopes(c verify.Claims) []string {
-	if len(r.scopes) == 0 {
-		return nil
-	}
-	have := c.Scopes()
 	var missing []string
 	for _, want := range r.scopes {
-		found := false
-		for _, h := range have {
-			if h == want {
-				found = true
-				break
-			}
-		}
-		if !found {
+		if !c.HasScope(want) {
 			missing = append(missing, want)
 		}
 	}

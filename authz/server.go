@@ -111,8 +111,9 @@ func (s *Server) Explain(ctx context.Context, req *authv3.CheckRequest) (*authv3
 	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()), tr.steps
 }
 
-// trail collects the steps of a decision for Explain; a nil trail (every
-// Check) records nothing and costs a nil check.
+// trail collects the steps of a decision for Explain. Every Check passes a
+// nil trail, and call sites test for nil first: boxing the arguments of a
+// variadic call allocates even when it would record nothing.
 type trail struct{ steps []string }
 
 func (t *trail) add(format string, args ...any) {
@@ -144,17 +145,23 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 	}
 	path, ok := requestPath(rawPath)
 	if !ok {
-		tr.add("path %q has dot segments or encoded separators: refused rather than guessed at", rawPath)
+		if tr != nil {
+			tr.add("path %q has dot segments or encoded separators: refused rather than guessed at", rawPath)
+		}
 		return denyRequest("bad_path", "the request path is not normalized"), ""
 	}
 	var r *route
 	if name, named := req.GetAttributes().GetContextExtensions()["route"]; named {
 		if r = p.byName[name]; r == nil {
 			s.log.Error("context_extensions names an unknown route; check the Envoy route config", "route", name)
-			tr.add("context_extensions names route %q, which the config does not have", name)
+			if tr != nil {
+				tr.add("context_extensions names route %q, which the config does not have", name)
+			}
 			return denyNoRoute("unknown_route", "no policy for this route"), ""
 		}
-		tr.add("route %q, named by Envoy's context_extensions", name)
+		if tr != nil {
+			tr.add("route %q, named by Envoy's context_extensions", name)
+		}
 	} else {
 		host := h.GetHost()
 		if host == "" {
@@ -165,19 +172,27 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			method = h.GetHeaders()[":method"]
 		}
 		if r = p.match(host, path, method); r == nil {
-			tr.add("no route matches %s %s on host %q", method, path, host)
+			if tr != nil {
+				tr.add("no route matches %s %s on host %q", method, path, host)
+			}
 			return denyNoRoute("no_route", "no route matches the request"), ""
 		}
-		tr.add("route %q: the first whose match fits %s %s on host %q", r.name, method, path, host)
+		if tr != nil {
+			tr.add("route %q: the first whose match fits %s %s on host %q", r.name, method, path, host)
+		}
 	}
 	if r.anonymous {
-		tr.add("route %q is anonymous: no token needed (claim headers are still stripped)", r.name)
+		if tr != nil {
+			tr.add("route %q is anonymous: no token needed (claim headers are still stripped)", r.name)
+		}
 		return &decision{allow: true, reason: "anonymous", route: r}, ""
 	}
 
 	token, d := credentials(h, rawPath, p.maxTokenBytes)
 	if d != nil {
-		tr.add("credentials: %s", d.desc)
+		if tr != nil {
+			tr.add("credentials: %s", d.desc)
+		}
 		d.route = r
 		return d, token
 	}
@@ -191,12 +206,16 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 		var d *decision
 		if ve.Kind == verify.Invalid {
 			d = denyInvalid(ve.Reason, ve.Desc)
-			tr.add("token refused (%s): %s", ve.Reason, ve.Desc)
+			if tr != nil {
+				tr.add("token refused (%s): %s", ve.Reason, ve.Desc)
+			}
 		} else {
 			// The cause names the issuer and endpoint, never the token.
 			s.log.Warn("no decision possible", "route", r.name, "issuer", ve.Issuer, "error", err.Error())
 			d = errUnavailable("authorization is temporarily unavailable")
-			tr.add("no decision possible: %v", err)
+			if tr != nil {
+				tr.add("no decision possible: %v", err)
+			}
 		}
 		d.route = r
 		return d, token
@@ -211,19 +230,25 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			Issuer:    res.Issuer.ID(), JTI: res.Claims.String("jti"), Sub: res.Claims.String("sub"), IAT: iat,
 		})
 		if revoked {
-			tr.add("revoked by %s", kind)
+			if tr != nil {
+				tr.add("revoked by %s", kind)
+			}
 			d := denyInvalid("revoked_"+kind, "token has been revoked")
 			d.route, d.result = r, res
 			return d, token
 		}
 	}
 	if missing := r.missingScopes(res.Claims); len(missing) > 0 {
-		tr.add("scopes: route needs %q, token has %q: missing %q", r.scopes, res.Claims.Scopes(), missing)
+		if tr != nil {
+			tr.add("scopes: route needs %q, token has %q: missing %q", r.scopes, res.Claims.Scopes(), missing)
+		}
 		d := denyForbidden("insufficient_scope", "the token lacks a required scope", strings.Join(r.scopes, " "))
 		d.route, d.result = r, res
 		return d, token
 	} else if len(r.scopes) > 0 {
-		tr.add("scopes: route needs %q: all present", r.scopes)
+		if tr != nil {
+			tr.add("scopes: route needs %q: all present", r.scopes)
+		}
 	}
 	for i := range r.claims {
 		rule := &r.claims[i]
@@ -241,7 +266,9 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			d.route, d.result = r, res
 			return d, token
 		}
-		tr.add("claim %s: accepted value", rule.claim)
+		if tr != nil {
+			tr.add("claim %s: accepted value", rule.claim)
+		}
 	}
 	return &decision{allow: true, reason: "ok", route: r, result: res}, token
 }

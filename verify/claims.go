@@ -65,6 +65,29 @@ func (c Claims) Time(name string) (time.Time, bool) {
 	return t, ok && err == nil
 }
 
+// HasScope reports whether the token grants scope, by "scope" or "scp",
+// without building the list (it runs on every request).
+func (c Claims) HasScope(scope string) bool {
+	has := func(v any) bool {
+		switch v := v.(type) {
+		case string:
+			for f := range strings.FieldsSeq(v) {
+				if f == scope {
+					return true
+				}
+			}
+		case []any:
+			for _, e := range v {
+				if s, ok := e.(string); ok && s == scope && s != "" {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	return has(c["scope"]) || has(c["scp"])
+}
+
 // numericDate reads an RFC 7519 NumericDate. Only JSON numbers count: jwx and
 // others also take strings, which a signer never meant as a date. Values
 // outside 0..year 9999 are rejected rather than overflowing.

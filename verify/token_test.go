@@ -52,3 +52,19 @@ func TestParseJWTStrictBase64(t *testing.T) {
 		t.Errorf("canonical token rejected: %v", err)
 	}
 }
+
+func TestHasScopeAgreesWithScopes(t *testing.T) {
+	for _, c := range []Claims{
+		{"scope": "read  write\tadmin"}, {"scp": []any{"a", "b", 3}}, {"scope": "x", "scp": "y z"}, {"scope": ""}, {},
+	} {
+		for _, want := range []string{"read", "write", "admin", "a", "b", "x", "y", "z", "", "rea"} {
+			listed := false
+			for _, s := range c.Scopes() {
+				listed = listed || s == want
+			}
+			if c.HasScope(want) != listed {
+				t.Errorf("%v: HasScope(%q) = %v, Scopes() lists it: %v", c, want, !listed, listed)
+			}
+		}
+	}
+}
