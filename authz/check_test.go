@@ -321,6 +321,7 @@ func TestClaimHeadersCannotBeSpoofed(t *testing.T) {
 
 func TestDynamicMetadata(t *testing.T) {
 	idp, keys, cfg := mainFixture(t)
+	cfg.DynamicMetadata = []string{"route", "issuer", "sub", "scope"}
 	c := start(t, cfg, nil)
 	m := idp.Claims(aud)
 	m["scope"] = "read write"
@@ -330,6 +331,12 @@ func TestDynamicMetadata(t *testing.T) {
 	if f["route"].GetStringValue() != "default" || f["issuer"].GetStringValue() != "main" ||
 		f["sub"].GetStringValue() != "user-1" || f["scope"].GetStringValue() != "read write" {
 		t.Errorf("dynamic metadata: %v", resp.GetDynamicMetadata())
+	}
+	// Off by default.
+	cfg.DynamicMetadata = nil
+	plain := start(t, cfg, nil)
+	if md := check(t, plain, req{headers: bearer(idptest.Mint(t, keys["RS256"], m))}).GetDynamicMetadata(); md != nil {
+		t.Errorf("dynamic metadata without dynamic_metadata: %v", md)
 	}
 }
 

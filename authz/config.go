@@ -32,6 +32,12 @@ type Config struct {
 	StripAuthorization bool `yaml:"strip_authorization"`
 	// MaxTokenBytes: longer tokens are denied before any parsing. Default 8192.
 	MaxTokenBytes int `yaml:"max_token_bytes"`
+	// DynamicMetadata lists what allows put in Envoy's dynamic metadata
+	// (namespace envoy.filters.http.ext_authz), for later filters and access
+	// logs: route, issuer, sub, scope. Default none: the metadata Struct
+	// costs about as much to encode as the rest of the response, and sub is
+	// personal data in access logs.
+	DynamicMetadata []string `yaml:"dynamic_metadata"`
 }
 
 // RouteConfig is one route's requirements.
@@ -191,6 +197,13 @@ func (c *Config) Validate() []string {
 	}
 	if c.ReservedHeaderPrefix != "" && !headerName.MatchString(c.ReservedHeaderPrefix) {
 		bad("reserved_header_prefix", "not a lower-case header name prefix")
+	}
+	for i, m := range c.DynamicMetadata {
+		switch m {
+		case "route", "issuer", "sub", "scope":
+		default:
+			bad(fmt.Sprintf("dynamic_metadata[%d]", i), "%q is not route, issuer, sub or scope", m)
+		}
 	}
 	if c.MaxTokenBytes < 0 {
 		bad("max_token_bytes", "must be positive")

@@ -198,24 +198,34 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 var okStatus = &status.Status{Code: int32(codes.OK)}
 
 // metadata is what Envoy's later filters and access logs see, under the
-// namespace envoy.filters.http.ext_authz. Route and issuer values are built
-// once per config.
+// namespace envoy.filters.http.ext_authz: the fields dynamic_metadata asks
+// for (nil for none). Route and issuer values are built once per config.
 func (d *decision) metadata(p *policy) *structpb.Struct {
+	m := p.meta
+	if !m.route && !m.issuer && !m.sub && !m.scope {
+		return nil
+	}
 	f := make(map[string]*structpb.Value, 4)
-	f["route"] = d.route.metaName
+	if m.route {
+		f["route"] = d.route.metaName
+	}
 	if r := d.result; r != nil {
-		f["issuer"] = p.issuerValue(r.Issuer.Name())
-		if sub := r.Claims.String("sub"); sub != "" {
+		if m.issuer {
+			f["issuer"] = p.issuerValue(r.Issuer.Name())
+		}
+		if sub := r.Claims.String("sub"); m.sub && sub != "" {
 			f["sub"] = structpb.NewStringValue(sub)
 		}
-		switch sc := r.Claims["scope"].(type) {
-		case string: // the usual form: as it is, no re-joining
-			if sc != "" {
-				f["scope"] = structpb.NewStringValue(sc)
-			}
-		default:
-			if scopes := r.Claims.Scopes(); len(scopes) > 0 {
-				f["scope"] = structpb.NewStringValue(strings.Join(scopes, " "))
+		if m.scope {
+			switch sc := r.Claims["scope"].(type) {
+			case string: // the usual form: as it is, no re-joining
+				if sc != "" {
+					f["scope"] = structpb.NewStringValue(sc)
+				}
+			default:
+				if scopes := r.Claims.Scopes(); len(scopes) > 0 {
+					f["scope"] = structpb.NewStringValue(strings.Join(scopes, " "))
+				}
 			}
 		}
 	}

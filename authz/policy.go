@@ -23,6 +23,7 @@ type policy struct {
 	stripAuthz    bool
 	maxTokenBytes int
 	issuerMeta    map[string]*structpb.Value // issuer name → metadata value
+	meta          struct{ route, issuer, sub, scope bool }
 }
 
 func (p *policy) issuerValue(name string) *structpb.Value {
@@ -71,6 +72,18 @@ func compile(c *Config) (*policy, error) {
 		realm:         c.Realm,
 		stripAuthz:    c.StripAuthorization,
 		maxTokenBytes: c.MaxTokenBytes,
+	}
+	for _, m := range c.DynamicMetadata {
+		switch m {
+		case "route":
+			p.meta.route = true
+		case "issuer":
+			p.meta.issuer = true
+		case "sub":
+			p.meta.sub = true
+		case "scope":
+			p.meta.scope = true
+		}
 	}
 	if p.realm == "" {
 		p.realm = defaultRealm

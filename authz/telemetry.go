@@ -70,16 +70,21 @@ func (s *Server) Observe(o Observability) {
 // put in the call's gRPC metadata (the otelgrpc server span continues it);
 // when the metadata carries none, the request's own traceparent or b3
 // headers inside the CheckRequest, with a link to the gRPC server span.
+//
+// Without the otelgrpc handler (serve installs it only when exporting) the
+// metadata's context is the direct parent.
 func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContext_HttpRequest) (context.Context, trace.Span) {
 	parent := ctx
 	var opts []trace.SpanStartOption
 	md, _ := metadata.FromIncomingContext(ctx)
-	if !trace.SpanContextFromContext(o.Propagator.Extract(ctx, metadataCarrier(md))).IsRemote() {
-		if hctx := o.Propagator.Extract(ctx, requestCarrier{h}); trace.SpanContextFromContext(hctx).IsRemote() {
-			parent = hctx
-			if local := trace.SpanContextFromContext(ctx); local.IsValid() {
-				opts = append(opts, trace.WithLinks(trace.Link{SpanContext: local}))
-			}
+	if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
+		if !trace.SpanContextFromContext(ctx).IsValid() {
+			parent = mctx // no gRPC server span to continue: Envoy's span is the parent
+		}
+	} else if hctx := o.Propagator.Extract(ctx, requestCarrier{h}); trace.SpanContextFromContext(hctx).IsRemote() {
+		parent = hctx
+		if local := trace.SpanContextFromContext(ctx); local.IsValid() {
+			opts = append(opts, trace.WithLinks(trace.Link{SpanContext: local}))
 		}
 	}
 	return o.tracer.Start(parent, "tokenauthz.check", opts...)

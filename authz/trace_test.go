@@ -244,3 +244,28 @@ func TestDecisionSpanNamesTheSubjectOnlyWhenAsked(t *testing.T) {
 	}
 	t.Fatal("trace_subject: true did not put the subject on the decision span")
 }
+
+// TestTraceIDFromMetadataWithoutStatsHandler: serve installs otelgrpc only
+// when exporting; Envoy's trace must still be the decision span's parent
+// (that is where the logs' trace_id comes from).
+func TestTraceIDFromMetadataWithoutStatsHandler(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	f := newIntroFixture(t, "client_secret_basic")
+	v, err := verify.New(f.cfg.Issuers, verify.Options{TracerProvider: tp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := authz.NewServer(f.cfg, v, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp})
+	ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("traceparent", "00-"+envoyTrace+"-"+envoySpan+"-01"))
+	if _, err := srv.Check(ctx, req{headers: bearer(f.jwt(t))}.proto()); err != nil {
+		t.Fatal(err)
+	}
+	if d := decisionSpan(t, rec, envoyTrace); d.Parent().SpanID().String() != envoySpan {
+		t.Fatalf("parent %v, want Envoy's span from the metadata", d.Parent())
+	}
+}

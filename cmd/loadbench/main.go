@@ -1,0 +1,470 @@
+// Command loadbench measures tokenauthz against the floor for an ext_authz
+// server: an allow-all Check server that reads nothing (./allowall), both
+// driven one after the other on loopback by ghz with the same payloads, and
+// prints one table with the ratios the README quotes.
+//
+//	go run ./cmd/loadbench            # about 2 minutes on 2 cores
+//
+// It builds both servers, installs ghz if it is not on PATH (go install
+// github.com/bojand/ghz/cmd/ghz@v0.120.0), mints RS256 tokens, and runs three
+// workloads: one token (warm caches), 10,000 distinct tokens in rotation
+// (warmed once), and every token new. Server CPU time and RSS come from
+// /proc; the bare crypto/rsa verify of the same key is measured in this
+// process, in the same run. ghz shares the cores with the server, as a
+// sidecar Envoy would.
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwk"
+)
+
+var (
+	requests    = flag.Int("n", 20000, "checks per measured run")
+	concurrency = flag.Int("c", 50, "concurrent ghz workers")
+	distinct    = flag.Int("distinct", 10000, "tokens in rotation for the distinct-token workload")
+	keep        = flag.Bool("keep", false, "keep the work directory")
+)
+
+func main() {
+	flag.Parse()
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "loadbench:", err)
+		os.Exit(1)
+	}
+}
+
+type result struct {
+	workload, server string
+	rps              float64
+	p50, p99         time.Duration
+	cpuPerCheck      time.Duration
+	rssMiB           float64
+	allows           float64 // tokenauthz only: allows counted by its metrics
+}
+
+func run() error {
+	dir, err := os.MkdirTemp("", "loadbench")
+	if err != nil {
+		return err
+	}
+	if !*keep {
+		defer os.RemoveAll(dir)
+	}
+	step("building tokenauthz and allowall")
+	for _, b := range [][2]string{{"tokenauthz", "./cmd/tokenauthz"}, {"allowall", "./cmd/loadbench/allowall"}} {
+		if out, err := exec.Command("go", "build", "-o", filepath.Join(dir, b[0]), b[1]).CombinedOutput(); err != nil {
+			return fmt.Errorf("go build %s: %v\n%s", b[1], err, out)
+		}
+	}
+	ghz, err := findGhz(dir)
+	if err != nil {
+		return err
+	}
+
+	step("minting tokens")
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return err
+	}
+	cfgPath, err := writeConfig(dir, key)
+	if err != nil {
+		return err
+	}
+	one := mint(key, 1)
+	rotation := mint(key, *distinct)
+	fresh := mint(key, *requests)
+	files := map[string]string{}
+	for name, toks := range map[string][]string{"same": one, "distinct": rotation, "new": fresh} {
+		if files[name], err = writeData(dir, name, toks); err != nil {
+			return err
+		}
+	}
+	bare := bareVerify(key)
+
+	workloads := []struct {
+		name, data string
+		warm       int // checks sent before measuring (same payloads)
+	}{
+		{"one token, warm", files["same"], 2000},
+		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], *distinct},
+		{"every token new", files["new"], 0},
+	}
+	var results []result
+	for _, w := range workloads {
+		for _, srv := range []string{"allowall", "tokenauthz"} {
+			step(fmt.Sprintf("%s: %s", w.name, srv))
+			r, err := measure(dir, ghz, srv, cfgPath, w.data, w.warm)
+			if err != nil {
+				return fmt.Errorf("%s on %s: %w", w.name, srv, err)
+			}
+			r.workload = w.name
+			results = append(results, r)
+		}
+	}
+	report(os.Stdout, results, bare)
+	return nil
+}
+
+func step(s string) { fmt.Fprintf(os.Stderr, "== %s\n", s) }
+
+func findGhz(dir string) (string, error) {
+	if p, err := exec.LookPath("ghz"); err == nil {
+		return p, nil
+	}
+	gopath := strings.TrimSpace(run1("go", "env", "GOPATH"))
+	if p := filepath.Join(gopath, "bin", "ghz"); fileExists(p) {
+		return p, nil
+	}
+	step("installing ghz v0.120.0 (go install)")
+	cmd := exec.Command("go", "install", "github.com/bojand/ghz/cmd/ghz@v0.120.0")
+	cmd.Env = append(os.Environ(), "GOBIN="+dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go install ghz: %v\n%s", err, out)
+	}
+	return filepath.Join(dir, "ghz"), nil
+}
+
+func run1(name string, args ...string) string {
+	out, _ := exec.Command(name, args...).Output()
+	return string(out)
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func writeConfig(dir string, key *rsa.PrivateKey) (string, error) {
+	pub, err := jwk.FromRaw(key.Public())
+	if err != nil {
+		return "", err
+	}
+	_ = pub.Set(jwk.KeyIDKey, "bench")
+	_ = pub.Set(jwk.AlgorithmKey, "RS256")
+	set := jwk.NewSet()
+	_ = set.AddKey(pub)
+	doc, err := json.Marshal(set)
+	if err != nil {
+		return "", err
+	}
+	cfg := fmt.Sprintf(`server: { grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", reflection: true }
+issuers:
+  - { name: bench, issuer: "https://bench.example", audiences: [api], algorithms: [RS256], jwks: '%s' }
+routes:
+  - { name: api, match: { path_prefix: /api }, scopes: [read] }
+headers: { x-user-id: sub, x-user-scopes: scope }
+reserved_header_prefix: x-auth-
+`, doc)
+	p := filepath.Join(dir, "config.yaml")
+	return p, os.WriteFile(p, []byte(cfg), 0o600)
+}
+
+// mint signs n distinct RS256 tokens, on every core.
+func mint(key *rsa.PrivateKey, n int) []string {
+	toks := make([]string, n)
+	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"RS256","kid":"bench","typ":"JWT"}`))
+	now := time.Now().Unix()
+	var wg sync.WaitGroup
+	workers := runtime.NumCPU()
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < n; i += workers {
+				claims := fmt.Sprintf(`{"iss":"https://bench.example","aud":"api","sub":"user-%d","scope":"read write","iat":%d,"exp":%d,"jti":"%d"}`,
+					i, now, now+7200, i)
+				input := hdr + "." + base64.RawURLEncoding.EncodeToString([]byte(claims))
+				sum := sha256.Sum256([]byte(input))
+				sig, err := rsa.SignPKCS1v15(nil, key, crypto.SHA256, sum[:])
+				if err != nil {
+					panic(err)
+				}
+				toks[i] = input + "." + base64.RawURLEncoding.EncodeToString(sig)
+			}
+		})
+	}
+	wg.Wait()
+	return toks
+}
+
+// writeData writes ghz call data: one CheckRequest per token, as Envoy
+// would send it; ghz sends them round-robin.
+func writeData(dir, name string, toks []string) (string, error) {
+	p := filepath.Join(dir, name+".json")
+	f, err := os.Create(p)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	w := bufio.NewWriter(f)
+	w.WriteString("[")
+	for i, t := range toks {
+		if i > 0 {
+			w.WriteString(",")
+		}
+		fmt.Fprintf(w, `{"attributes":{"request":{"http":{"id":"%d","method":"GET","path":"/api/orders/1","host":"api.example.com","scheme":"https","protocol":"HTTP/2","headers":{":method":"GET",":path":"/api/orders/1",":authority":"api.example.com","authorization":"Bearer %s","user-agent":"curl/8.5.0","x-request-id":"%d","x-user-id":"spoofed"}}}}}`,
+			i, t, i)
+	}
+	w.WriteString("]")
+	if err := w.Flush(); err != nil {
+		return "", err
+	}
+	return p, f.Close()
+}
+
+// bareVerify is the floor for a new token: one RSA PKCS#1 v1.5 verify of
+// the same key, with the SHA-256 of a token-sized input, measured here.
+func bareVerify(key *rsa.PrivateKey) time.Duration {
+	input := []byte(strings.Repeat("a", 300))
+	sum := sha256.Sum256(input)
+	sig, _ := rsa.SignPKCS1v15(nil, key, crypto.SHA256, sum[:])
+	n := 0
+	start := time.Now()
+	for time.Since(start) < 2*time.Second {
+		h := sha256.Sum256(input)
+		if rsa.VerifyPKCS1v15(&key.PublicKey, crypto.SHA256, h[:], sig) != nil {
+			panic("verify")
+		}
+		n++
+	}
+	return time.Since(start) / time.Duration(n)
+}
+
+type server struct {
+	cmd            *exec.Cmd
+	grpc, httpAddr string
+}
+
+func start(dir, name, cfgPath string) (*server, error) {
+	s := &server{}
+	if name == "allowall" {
+		s.cmd = exec.Command(filepath.Join(dir, "allowall"))
+		out, err := s.cmd.StdoutPipe()
+		if err != nil {
+			return nil, err
+		}
+		if err := s.cmd.Start(); err != nil {
+			return nil, err
+		}
+		line, err := bufio.NewReader(out).ReadString('\n')
+		if err != nil {
+			return nil, err
+		}
+		s.grpc = strings.TrimSpace(line)
+		return s, nil
+	}
+	s.cmd = exec.Command(filepath.Join(dir, "tokenauthz"), "serve", "--config", cfgPath)
+	s.cmd.Env = append(os.Environ(), "OTEL_TRACES_EXPORTER=none")
+	errPipe, err := s.cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.cmd.Start(); err != nil {
+		return nil, err
+	}
+	// The "serving" log line names the addresses; later lines are drained
+	// so the pipe never blocks the server.
+	addrs := make(chan [2]string, 1)
+	go func() {
+		sc := bufio.NewScanner(errPipe)
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == "serving" {
+				g, _ := m["grpc_addr"].(string)
+				h, _ := m["http_addr"].(string)
+				addrs <- [2]string{g, h}
+			}
+		}
+	}()
+	select {
+	case a := <-addrs:
+		s.grpc, s.httpAddr = a[0], a[1]
+		return s, nil
+	case <-time.After(30 * time.Second):
+		s.stop()
+		return nil, errors.New("tokenauthz did not start serving")
+	}
+}
+
+func (s *server) stop() {
+	_ = s.cmd.Process.Kill()
+	_ = s.cmd.Wait()
+}
+
+// cpu is the process's user+system CPU time, from /proc/<pid>/stat.
+func cpu(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// Fields after the command name (which may hold spaces, in parens).
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	const ticks = 100 // sysconf(_SC_CLK_TCK) on Linux
+	return time.Duration(utime+stime) * time.Second / ticks, nil
+}
+
+// rss is the resident set size in MiB, from /proc/<pid>/status.
+func rss(pid int) float64 {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+type ghzReport struct {
+	Count   int     `json:"count"`
+	RPS     float64 `json:"rps"`
+	Latency []struct {
+		Percentage int   `json:"percentage"`
+		Latency    int64 `json:"latency"`
+	} `json:"latencyDistribution"`
+	Status map[string]int `json:"statusCodeDistribution"`
+}
+
+func ghzRun(ghz, addr, data string, n int) (*ghzReport, error) {
+	out, err := exec.Command(ghz, "--insecure", "--call", "envoy.service.auth.v3.Authorization/Check",
+		"-n", strconv.Itoa(n), "-c", strconv.Itoa(*concurrency), "--connections", "2",
+		"-D", data, "--format", "json", addr).Output()
+	if err != nil {
+		return nil, fmt.Errorf("ghz: %v", err)
+	}
+	var r ghzReport
+	if err := json.Unmarshal(out, &r); err != nil {
+		return nil, fmt.Errorf("ghz output: %v", err)
+	}
+	if r.Status["OK"] != n {
+		return nil, fmt.Errorf("ghz: %d of %d calls OK: %v", r.Status["OK"], n, r.Status)
+	}
+	return &r, nil
+}
+
+func measure(dir, ghz, name, cfgPath, data string, warm int) (result, error) {
+	s, err := start(dir, name, cfgPath)
+	if err != nil {
+		return result{}, err
+	}
+	defer s.stop()
+	if warm > 0 {
+		if _, err := ghzRun(ghz, s.grpc, data, warm); err != nil {
+			return result{}, err
+		}
+	}
+	allowsBefore := s.allows()
+	before, err := cpu(s.cmd.Process.Pid)
+	if err != nil {
+		return result{}, err
+	}
+	rep, err := ghzRun(ghz, s.grpc, data, *requests)
+	if err != nil {
+		return result{}, err
+	}
+	after, _ := cpu(s.cmd.Process.Pid)
+	r := result{server: name, rps: rep.RPS, cpuPerCheck: (after - before) / time.Duration(*requests), rssMiB: rss(s.cmd.Process.Pid)}
+	for _, l := range rep.Latency {
+		switch l.Percentage {
+		case 50:
+			r.p50 = time.Duration(l.Latency)
+		case 99:
+			r.p99 = time.Duration(l.Latency)
+		}
+	}
+	if name == "tokenauthz" {
+		// ghz sees every answer as a gRPC OK, allow or deny: count allows.
+		r.allows = s.allows() - allowsBefore
+		if int(r.allows) != *requests {
+			return r, fmt.Errorf("%v of %d checks were allows", r.allows, *requests)
+		}
+	}
+	return r, nil
+}
+
+// allows reads tokenauthz_decisions_total{decision="allow"} from /metrics.
+func (s *server) allows() float64 {
+	if s.httpAddr == "" {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+s.httpAddr+"/metrics", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var sum float64
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "tokenauthz_decisions_total{") && strings.Contains(l, `decision="allow"`) {
+			f := strings.Fields(l)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			sum += v
+		}
+	}
+	return sum
+}
+
+func report(w io.Writer, rs []result, bare time.Duration) {
+	fmt.Fprintf(w, "\n%-22s %-11s %10s %9s %9s %12s %8s\n", "workload", "server", "checks/s", "p50", "p99", "CPU/check", "RSS MiB")
+	for _, r := range rs {
+		fmt.Fprintf(w, "%-22s %-11s %10.0f %9s %9s %12s %8.1f\n", r.workload, r.server, r.rps,
+			r.p50.Round(time.Microsecond), r.p99.Round(time.Microsecond), r.cpuPerCheck.Round(100*time.Nanosecond), r.rssMiB)
+	}
+	fmt.Fprintf(w, "\nbare crypto/rsa PKCS#1 v1.5 verify (2048-bit, same key): %s\n\n", bare.Round(100*time.Nanosecond))
+	type target struct {
+		what   string
+		got    float64
+		limit  float64
+		higher bool // the figure must be at least the limit
+	}
+	var ts []target
+	for i := 0; i+1 < len(rs); i += 2 {
+		a, t := rs[i], rs[i+1]
+		switch i / 2 {
+		case 0:
+			ts = append(ts,
+				target{"warm token: throughput vs allow-all", t.rps / a.rps, 0.9, true},
+				target{"warm token: p99 vs allow-all", float64(t.p99) / float64(a.p99), 1.2, false},
+				target{"warm token: CPU per check vs allow-all", float64(t.cpuPerCheck) / float64(a.cpuPerCheck), 1.5, false})
+		case 1:
+			ts = append(ts, target{"distinct tokens: throughput vs allow-all", t.rps / a.rps, 0.85, true})
+		case 2:
+			limit := float64(a.cpuPerCheck+bare*13/10) / float64(a.cpuPerCheck)
+			ts = append(ts, target{"new tokens: CPU per check vs allow-all (limit: + 1.3 bare verifies)",
+				float64(t.cpuPerCheck) / float64(a.cpuPerCheck), limit, false})
+		}
+	}
+	for _, t := range ts {
+		verdict := "met"
+		if (t.higher && t.got < t.limit) || (!t.higher && t.got > t.limit) {
+			verdict = "MISSED"
+		}
+		op := "<="
+		if t.higher {
+			op = ">="
+		}
+		fmt.Fprintf(w, "%-70s %6.2fx (target %s %.2fx) %s\n", t.what, t.got, op, t.limit, verdict)
+	}
+}
