@@ -22,7 +22,9 @@ type allowAll struct {
 
 var ok = &authv3.CheckResponse{Status: &status.Status{}, HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: &authv3.OkHttpResponse{}}}
 
-func (allowAll) Check(context.Context, *authv3.CheckRequest) (*authv3.CheckResponse, error) { return ok, nil }
+func (allowAll) Check(context.Context, *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	return ok, nil
+}
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:0", "listen address")
