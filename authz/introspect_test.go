@@ -444,3 +444,36 @@ func TestIntrospectionConfigValidation(t *testing.T) {
 		t.Errorf("introspect: always without an endpoint passed validation:\n%s", got)
 	}
 }
+
+// TestProviderOutageIsNotHammered: failures are never cached, so without a
+// breaker every check of an uncached token would call a provider that is
+// down. After 5 consecutive failures calls pause for a second.
+func TestProviderOutageIsNotHammered(t *testing.T) {
+	f := newIntroFixture(t, "client_secret_basic")
+	c, logs := f.start(t)
+	f.idp.SetDown(true)
+	for range 50 {
+		denied(t, check(t, c, req{headers: bearer(f.opaque(nil))}), codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
+	}
+	if n := f.idp.IntrospectionHits.Load(); n != 5 {
+		t.Fatalf("50 checks against a provider that is down made %d calls, want 5 (then a pause)", n)
+	}
+	if !strings.Contains(logs.String(), "calls paused") {
+		t.Errorf("the log does not say calls are paused:\n%s", logs)
+	}
+	f.idp.SetDown(false)
+	waitUntil(t, func() bool {
+		return check(t, c, req{headers: bearer(f.opaque(nil))}).GetStatus().GetCode() == 0
+	})
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("not within 10s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

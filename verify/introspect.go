@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sony/gobreaker/v2"
 	"go.opentelemetry.io/otel/attribute"
 	"google.golang.org/protobuf/proto"
 
@@ -54,7 +55,18 @@ type endpoint struct {
 	maxBytes int64
 	ttl      time.Duration
 	negTTL   time.Duration
+	// br pauses calls to a provider that keeps failing, so that an outage
+	// is not met with a call per request (failures are never cached).
+	br *gobreaker.CircuitBreaker[*providerAnswer]
 }
+
+// Breaker settings for provider endpoints: after this many consecutive
+// failures, calls pause for providerPause (answered at once with a 503),
+// then one probe goes through.
+const (
+	providerFailures = 5
+	providerPause    = time.Second
+)
 
 func newEndpoint(kind string, is *Issuer, fixedURL string, fromDoc func(*discoveryDoc) string,
 	base *http.Client, timeout time.Duration, maxBytes int64, ttl, negTTL *time.Duration) *endpoint {
@@ -73,7 +85,11 @@ func newEndpoint(kind string, is *Issuer, fixedURL string, fromDoc func(*discove
 	// says.
 	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return &endpoint{kind: kind, issuer: is, fixedURL: fixedURL, fromDoc: fromDoc, client: c, maxBytes: maxBytes,
-		ttl: durOr(ttl, defaultCacheTTL), negTTL: durOr(negTTL, defaultNegativeCacheTTL)}
+		ttl: durOr(ttl, defaultCacheTTL), negTTL: durOr(negTTL, defaultNegativeCacheTTL),
+		br: gobreaker.NewCircuitBreaker[*providerAnswer](gobreaker.Settings{
+			Name: kind + ":" + is.name, Timeout: providerPause,
+			ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= providerFailures },
+		})}
 }
 
 // url returns the endpoint's URL, from config or the discovery document.
@@ -341,8 +357,13 @@ func (v *Verifier) ask(ctx context.Context, e *endpoint, tk tokenKey, exp time.T
 	}()
 	a, src, err = v.answers.Get(ctx, answerKey(e.kind, e.issuer, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
 		start := time.Now()
-		a, err := call(ctx)
-		v.tel.obs.ProviderCalled(e.issuer.name, e.kind, time.Since(start), err)
+		called := false
+		a, err := e.br.Execute(func() (*providerAnswer, error) { called = true; return call(ctx) })
+		if called {
+			v.tel.obs.ProviderCalled(e.issuer.name, e.kind, time.Since(start), err)
+		} else if err != nil {
+			err = e.fail(fmt.Errorf("calls paused for %v after %d consecutive failures", providerPause, providerFailures))
+		}
 		if err != nil {
 			return nil, 0, err
 		}
