@@ -38,11 +38,18 @@ func startWith(t *testing.T, cfg *authz.Config, v authz.TokenVerifier) authv3.Au
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serve(t, srv)
+}
+
+// serve runs srv on a real gRPC server on a loopback port until the test
+// ends and returns the generated ext_authz client for it.
+func serve(t *testing.T, srv *authz.Server, opts ...grpc.ServerOption) authv3.AuthorizationClient {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(opts...)
 	authv3.RegisterAuthorizationServer(gs, srv)
 	go func() { _ = gs.Serve(lis) }()
 	t.Cleanup(gs.Stop)

@@ -394,12 +394,15 @@ func (r *remoteKeys) fetch(ctx context.Context) (*keySet, error) {
 	return ks, nil
 }
 
+func (r *remoteKeys) heldDoc() *discoveryDoc {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.doc
+}
+
 // discoverOnce returns the held discovery document or reads it.
 func (r *remoteKeys) discoverOnce(ctx context.Context) (*discoveryDoc, error) {
-	r.mu.Lock()
-	doc := r.doc
-	r.mu.Unlock()
-	if doc != nil {
+	if doc := r.heldDoc(); doc != nil {
 		return doc, nil
 	}
 	doc, err := r.discover(ctx)
@@ -416,10 +419,7 @@ func (r *remoteKeys) discoverOnce(ctx context.Context) (*discoveryDoc, error) {
 // and userinfo endpoints, reading it (once for all concurrent callers) if
 // none is held.
 func (r *remoteKeys) metadata(ctx context.Context) (*discoveryDoc, error) {
-	r.mu.Lock()
-	doc := r.doc
-	r.mu.Unlock()
-	if doc != nil {
+	if doc := r.heldDoc(); doc != nil {
 		return doc, nil
 	}
 	ch := r.flights.DoChan("discover", func() (any, error) {
