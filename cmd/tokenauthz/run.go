@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc/filters"
+	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -272,12 +272,18 @@ drain:
 
 // logEffectiveConfig logs the config in force. It holds no secrets: every
 // secret is named by a file or an environment variable, never inlined.
+// It is logged with the file's own key names (through YAML), defaults
+// filled in.
 func logEffectiveConfig(log *slog.Logger, cfg *fileConfig) {
-	b, err := json.Marshal(cfg)
+	y, err := yaml.Marshal(cfg)
 	if err != nil {
 		return
 	}
-	log.Info("effective config", "config", json.RawMessage(b))
+	var m map[string]any
+	if yaml.Unmarshal(y, &m) != nil {
+		return
+	}
+	log.Info("effective config", "config", m)
 }
 
 type redisLogger struct{ log *slog.Logger }
