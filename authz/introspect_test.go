@@ -461,3 +461,31 @@ func waitUntil(t *testing.T, cond func() bool) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestIntrospectionFloodIsBounded: made-up opaque tokens are all different,
+// so neither the cache nor the breaker (the provider answers fine) stops
+// them; max_calls_per_second does.
+func TestIntrospectionFloodIsBounded(t *testing.T) {
+	f := newIntroFixture(t, "client_secret_basic")
+	f.cfg.Issuers[0].Introspection.MaxCallsPerSecond = 20
+	c, logs := f.start(t)
+	var unavailable int
+	start := time.Now()
+	for i := range 100 {
+		resp := check(t, c, req{headers: bearer(fmt.Sprintf("made-up-%d", i))})
+		switch codes.Code(resp.GetStatus().GetCode()) {
+		case codes.Unavailable:
+			unavailable++
+		case codes.OK:
+			t.Fatal("a made-up token was allowed")
+		}
+	}
+	// The burst of 20, plus 20 a second for as long as the loop took.
+	bound := int64(20 + 20*time.Since(start).Seconds() + 1)
+	if n := f.idp.IntrospectionHits.Load(); n > bound || int64(unavailable) < 100-bound {
+		t.Fatalf("100 made-up tokens: %d provider calls (bound %d), %d answered 503", n, bound, unavailable)
+	}
+	if !strings.Contains(logs.String(), "max_calls_per_second") {
+		t.Errorf("the log does not name the bound:\n%s", logs)
+	}
+}

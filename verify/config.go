@@ -87,6 +87,11 @@ type IntrospectionConfig struct {
 	// NegativeCacheTTL is how long an inactive result is reused, to absorb
 	// floods of bad tokens. Default 5s; 0 disables.
 	NegativeCacheTTL *time.Duration `yaml:"negative_cache_ttl"`
+	// MaxCallsPerSecond bounds this pod's calls to the endpoint (with a
+	// burst of as many), so a flood of distinct made-up tokens cannot turn
+	// into a flood at the provider; calls over it are a 503. Default 500;
+	// -1 removes the bound.
+	MaxCallsPerSecond int `yaml:"max_calls_per_second"`
 	// AllowHTTP permits a plain-http endpoint on a non-loopback host.
 	// Dangerous: tokens and the client secret cross the network in the clear.
 	AllowHTTP bool `yaml:"allow_http"`
@@ -306,6 +311,9 @@ func (in *IntrospectionConfig) validate(discovery bool) []string {
 		in.MaxResponseBytes, in.CacheTTL, in.NegativeCacheTTL)
 	if in.ClientID == "" {
 		p = append(p, "introspection.client_id: required")
+	}
+	if in.MaxCallsPerSecond < -1 {
+		p = append(p, "introspection.max_calls_per_second: a positive number, or -1 for no bound")
 	}
 	switch {
 	case in.ClientSecretFile != "" && in.ClientSecretEnv != "":

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sony/gobreaker/v2"
 	"go.opentelemetry.io/otel/attribute"
+	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -58,6 +59,8 @@ type endpoint struct {
 	// br pauses calls to a provider that keeps failing, so that an outage
 	// is not met with a call per request (failures are never cached).
 	br *gobreaker.CircuitBreaker[*providerAnswer]
+	// limit bounds calls per second (nil: unbounded).
+	limit *rate.Limiter
 }
 
 // Breaker settings for provider endpoints: after this many consecutive
@@ -357,6 +360,9 @@ func (v *Verifier) ask(ctx context.Context, e *endpoint, tk tokenKey, exp time.T
 	}()
 	a, src, err = v.answers.Get(ctx, answerKey(e.kind, e.issuer, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
 		start := time.Now()
+		if e.limit != nil && !e.limit.Allow() {
+			return nil, 0, e.fail(fmt.Errorf("over max_calls_per_second (%v): no call made", e.limit.Limit()))
+		}
 		called := false
 		a, err := e.br.Execute(func() (*providerAnswer, error) { called = true; return call(ctx) })
 		if called {

@@ -17,6 +17,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/time/rate"
 
 	"github.com/tokenauthz/tokenauthz/cache"
 )
@@ -253,6 +254,12 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
 		is.introspection = &introspector{cfg: in, secret: string(secret),
 			endpoint: newEndpoint("introspection", is, in.Endpoint, func(d *discoveryDoc) string { return d.IntrospectionEndpoint },
 				o.HTTPClient, in.Timeout, in.MaxResponseBytes, in.CacheTTL, in.NegativeCacheTTL)}
+		switch n := in.MaxCallsPerSecond; {
+		case n == 0:
+			is.introspection.limit = rate.NewLimiter(500, 500)
+		case n > 0:
+			is.introspection.limit = rate.NewLimiter(rate.Limit(n), n)
+		}
 	}
 	if ui := c.Userinfo; ui != nil {
 		is.userinfo = &userinfoClient{cfg: ui,

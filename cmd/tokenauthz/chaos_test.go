@@ -158,6 +158,7 @@ issuers:
       timeout: 500ms
       cache_ttl: 3s
       negative_cache_ttl: 1s
+      max_calls_per_second: 200
 routes:
   - { name: all, match: { path_prefix: / } }
 `, r.rs.Addr(), r.idp.URL(), r.idp.JWKSURL(), r.idp.IntrospectionURL(), secret)
@@ -209,6 +210,19 @@ func (r *chaosRig) pick() token {
 
 func (r *chaosRig) add(ts ...token) { r.mu.Lock(); r.pool = append(r.pool, ts...); r.mu.Unlock() }
 
+// remove drops a fault's extra tokens when it clears.
+func (r *chaosRig) remove(match func(token) bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	kept := r.pool[:0]
+	for _, tk := range r.pool {
+		if !match(tk) {
+			kept = append(kept, tk)
+		}
+	}
+	r.pool = kept
+}
+
 // relabel changes the truth of the pool's tokens that match.
 func (r *chaosRig) relabel(match func(token) bool, to truth) {
 	r.mu.Lock()
@@ -258,8 +272,9 @@ type fault struct {
 	name   string
 	inject func(r *chaosRig)
 	clear  func(r *chaosRig)
-	// jwksBound, when set, bounds the key set fetches during the fault.
-	jwksBound func(d time.Duration) int64
+	// jwksBound and introspectionBound, when set, bound the provider calls
+	// during the fault.
+	jwksBound, introspectionBound func(d time.Duration) int64
 }
 
 func TestChaos(t *testing.T) {
@@ -332,11 +347,20 @@ func TestChaos(t *testing.T) {
 		}, clear: func(r *chaosRig) { writeAtomically(r.t, r.cfgPath, r.cfgText) }},
 		{name: "config reload (invalid)", inject: func(r *chaosRig) { writeAtomically(r.t, r.cfgPath, r.cfgText+"nonsense: [\n") },
 			clear: func(r *chaosRig) { writeAtomically(r.t, r.cfgPath, r.cfgText) }},
+		{name: "distinct made-up opaque token flood", inject: func(r *chaosRig) {
+			for range 3000 {
+				r.add(token{raw: randomToken(), truth: mustDeny, opaque: true})
+			}
+		}, clear: func(r *chaosRig) {
+			r.remove(func(tk token) bool { return tk.opaque && tk.truth == mustDeny && len(tk.raw) == 32 })
+		}, introspectionBound: func(d time.Duration) int64 { return int64(200*d.Seconds()) + 200 + 10 }},
 		{name: "distinct garbage JWT flood", inject: func(r *chaosRig) {
-			for range 300 {
+			for range 3000 {
 				r.add(token{raw: randomToken() + "." + randomToken() + "." + randomToken(), truth: mustDeny})
 			}
-		}, clear: func(r *chaosRig) {}},
+		}, clear: func(r *chaosRig) {
+			r.remove(func(tk token) bool { return strings.Count(tk.raw, ".") == 2 && len(tk.raw) == 98 })
+		}},
 	}
 
 	var cur atomic.Pointer[phaseStats]
@@ -364,6 +388,9 @@ func TestChaos(t *testing.T) {
 		rows = append(rows, row{f.name, before, during, after, j1 - j0, i1 - i0})
 		if f.jwksBound != nil && j1-j0 > f.jwksBound(phase) {
 			t.Errorf("%s: %d key set fetches in %v, bound %d", f.name, j1-j0, phase, f.jwksBound(phase))
+		}
+		if f.introspectionBound != nil && i1-i0 > f.introspectionBound(phase) {
+			t.Errorf("%s: %d introspection calls in %v, bound %d", f.name, i1-i0, phase, f.introspectionBound(phase))
 		}
 	}
 	close(stop)
