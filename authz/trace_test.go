@@ -205,7 +205,10 @@ func assertNoSecretsInSpans(t *testing.T, rec *tracetest.SpanRecorder, secrets .
 	}
 }
 
-func TestDecisionSpanNamesTheSubjectOnlyWhenAsked(t *testing.T) {
+// tracedServer is the fixture's Check server in process (no gRPC, so no
+// otelgrpc server span), recording spans.
+func tracedServer(t *testing.T, traceSubject bool) (*introFixture, *authz.Server, *tracetest.SpanRecorder) {
+	t.Helper()
 	rec := tracetest.NewSpanRecorder()
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
 	f := newIntroFixture(t, "client_secret_basic")
@@ -217,7 +220,12 @@ func TestDecisionSpanNamesTheSubjectOnlyWhenAsked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp, TraceSubject: true})
+	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp, TraceSubject: traceSubject})
+	return f, srv, rec
+}
+
+func TestDecisionSpanNamesTheSubjectOnlyWhenAsked(t *testing.T) {
+	f, srv, rec := tracedServer(t, true)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := srv.Check(ctx, req{headers: bearer(f.jwt(t))}.proto()); err != nil {
@@ -235,18 +243,7 @@ func TestDecisionSpanNamesTheSubjectOnlyWhenAsked(t *testing.T) {
 // when exporting; Envoy's trace must still be the decision span's parent
 // (that is where the logs' trace_id comes from).
 func TestTraceIDFromMetadataWithoutStatsHandler(t *testing.T) {
-	rec := tracetest.NewSpanRecorder()
-	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
-	f := newIntroFixture(t, "client_secret_basic")
-	v, err := verify.New(f.cfg.Issuers, verify.Options{TracerProvider: tp})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := authz.NewServer(f.cfg, v, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp})
+	f, srv, rec := tracedServer(t, false)
 	ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("traceparent", "00-"+envoyTrace+"-"+envoySpan+"-01"))
 	if _, err := srv.Check(ctx, req{headers: bearer(f.jwt(t))}.proto()); err != nil {
 		t.Fatal(err)

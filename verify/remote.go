@@ -230,15 +230,7 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 		r.publish(ctx, ks)
 		return ks, nil
 	})
-	select {
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case res := <-ch:
-		if res.Err != nil {
-			return nil, res.Err
-		}
-		return res.Val.(*keySet), nil
-	}
+	return awaitFlight[*keySet](ctx, ch)
 }
 
 func (r *remoteKeys) install(ks *keySet) {
@@ -427,14 +419,22 @@ func (r *remoteKeys) metadata(ctx context.Context) (*discoveryDoc, error) {
 		defer cancel()
 		return r.discoverOnce(fctx)
 	})
+	return awaitFlight[*discoveryDoc](ctx, ch)
+}
+
+// awaitFlight waits for a shared flight's result with the caller's own
+// context: a caller that gives up leaves, the flight goes on for the others.
+func awaitFlight[T any](ctx context.Context, ch <-chan singleflight.Result) (T, error) {
 	select {
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		var zero T
+		return zero, ctx.Err()
 	case res := <-ch:
 		if res.Err != nil {
-			return nil, res.Err
+			var zero T
+			return zero, res.Err
 		}
-		return res.Val.(*discoveryDoc), nil
+		return res.Val.(T), nil
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -92,17 +93,9 @@ func TestDemoQuickstart(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.Server.ShutdownTimeout = 5 * time.Second
-	grpcLis, _ := net.Listen("tcp", "127.0.0.1:0")
 	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, grpcLis, httpLis, newLogger("text", "error")) }()
-
-	conn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	svc := runService(t, cfg, nil, httpLis)
+	conn, ctx := svc.conn, context.Background()
 
 	var stdout bytes.Buffer
 	if code := cli([]string{"demo-token", "--sub", "bob", "--scope", "read admin"}, &stdout, io.Discard); code != 0 {
@@ -159,8 +152,7 @@ func TestDemoQuickstart(t *testing.T) {
 		t.Errorf("reflection does not list the Check service: %v %v", lr, err)
 	}
 
-	cancel()
-	if err := <-done; err != nil {
+	if err := svc.stop(); err != nil {
 		t.Fatalf("run: %v", err)
 	}
 }
@@ -198,4 +190,50 @@ func TestReadmeConfigExampleDecodes(t *testing.T) {
 			t.Errorf("README example: %s", p)
 		}
 	}
+}
+
+// service is the service running in this test process, as serve runs it.
+type service struct {
+	conn   *grpc.ClientConn // an insecure client of its gRPC port
+	cancel context.CancelFunc
+	once   sync.Once
+	done   chan error
+	err    error
+}
+
+// runService runs cfg on grpcLis (nil: a fresh loopback port) and httpLis
+// (nil: no HTTP port), dials it, and stops it when the test ends.
+func runService(t *testing.T, cfg *fileConfig, grpcLis, httpLis net.Listener, opts ...runOption) *service {
+	t.Helper()
+	if grpcLis == nil {
+		var err error
+		if grpcLis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &service{cancel: cancel, done: make(chan error, 1)}
+	go func() { s.done <- run(ctx, cfg, grpcLis, httpLis, newLogger("text", "error"), opts...) }()
+	target := grpcLis.Addr().String()
+	if grpcLis.Addr().Network() == "unix" {
+		target = "unix://" + target
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.conn = conn
+	t.Cleanup(func() {
+		_ = conn.Close()
+		if err := s.stop(); err != nil {
+			t.Errorf("run: %v", err)
+		}
+	})
+	return s
+}
+
+// stop ends the service (drain included) and returns run's error.
+func (s *service) stop() error {
+	s.once.Do(func() { s.cancel(); s.err = <-s.done })
+	return s.err
 }

@@ -19,7 +19,6 @@ import (
 	"github.com/prometheus/common/model"
 	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -201,18 +200,9 @@ routes:
 	if err != nil {
 		t.Fatal(err)
 	}
-	grpcLis, _ := net.Listen("tcp", "127.0.0.1:0")
 	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, grpcLis, httpLis, newLogger("text", "error")) }()
-	defer func() { cancel(); <-done }()
-	conn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	hc := healthpb.NewHealthClient(conn)
+	svc := runService(t, cfg, nil, httpLis)
+	hc := healthpb.NewHealthClient(svc.conn)
 	status := func(svc string) healthpb.HealthCheckResponse_ServingStatus {
 		r, err := hc.Check(context.Background(), &healthpb.HealthCheckRequest{Service: svc})
 		if err != nil {
@@ -249,7 +239,7 @@ routes:
 	if r, err := w.Recv(); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("watch: %v %v", r, err)
 	}
-	cancel()
+	svc.cancel() // start the drain; the cleanup waits for its end
 	r, err := w.Recv()
 	if err != nil || r.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
 		t.Fatalf("on drain: %v %v, want NOT_SERVING", r, err)
@@ -308,25 +298,16 @@ routes:
 	if err != nil {
 		t.Fatal(err)
 	}
-	grpcLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, grpcLis, nil, newLogger("text", "error")) }()
-	conn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	svc := runService(t, cfg, nil, nil)
 	traceID := "4bf92f3577b34da6a3ce929d0e0e4736"
-	resp, err := authv3.NewAuthorizationClient(conn).Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+	resp, err := authv3.NewAuthorizationClient(svc.conn).Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{Method: "GET", Path: "/x", Host: "api",
 			Headers: map[string]string{"authorization": "Bearer " + idptest.Mint(t, key, idp.Claims("api")),
 				"traceparent": "00-" + traceID + "-00f067aa0ba902b7-01"}}}}})
 	if err != nil || resp.GetStatus().GetCode() != 0 {
 		t.Fatalf("check: %v %v", err, resp.GetStatus())
 	}
-	cancel() // shutdown flushes the batch
-	if err := <-done; err != nil {
+	if err := svc.stop(); err != nil { // shutdown flushes the batch
 		t.Fatal(err)
 	}
 	col.mu.Lock()

@@ -11,9 +11,7 @@ import (
 	"testing"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/tokenauthz/tokenauthz/verify/idptest"
 )
@@ -46,19 +44,9 @@ func TestReloadUnderLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	grpcLis, _ := net.Listen("tcp", "127.0.0.1:0")
 	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	ctx, cancel := context.WithCancel(context.Background())
 	hup := make(chan os.Signal, 1)
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, grpcLis, httpLis, newLogger("text", "error"), withReload(path, hup)) }()
-	defer func() { cancel(); <-done }()
-	conn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	c := authv3.NewAuthorizationClient(conn)
+	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, hup)).conn)
 	check := func(path, tok string) codes.Code {
 		resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 			Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{

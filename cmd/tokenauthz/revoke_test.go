@@ -14,9 +14,7 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/tokenauthz/tokenauthz/cache/redistest"
 	"github.com/tokenauthz/tokenauthz/verify/idptest"
@@ -36,23 +34,8 @@ func startPod(t *testing.T, cfgYAML string) *pod {
 	if err != nil {
 		t.Fatal(err)
 	}
-	grpcLis, _ := net.Listen("tcp", "127.0.0.1:0")
 	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, grpcLis, httpLis, newLogger("text", "error")) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
-	conn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = conn.Close() })
-	c := authv3.NewAuthorizationClient(conn)
+	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis).conn)
 	p := &pod{adminURL: "http://" + httpLis.Addr().String()}
 	p.check = func(token string) codes.Code {
 		resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{

@@ -86,15 +86,7 @@ func serveOn(t *testing.T, lis net.Listener, cfgYAML string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, lis, nil, newLogger("text", "error")) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
+	runService(t, cfg, lis, nil)
 }
 
 func checkOver(conn *grpc.ClientConn) error {
