@@ -38,14 +38,28 @@ type Config struct {
 	// costs about as much to encode as the rest of the response, and sub is
 	// personal data in access logs.
 	DynamicMetadata []string `yaml:"dynamic_metadata"`
+	// ClientAddressHeader names a request header holding the client's
+	// address, for when Envoy is behind a proxy (the peer Envoy reports is
+	// then the proxy): e.g. x-envoy-external-address, or x-forwarded-for,
+	// whose last entry counts. Only a header that trusted proxies set and
+	// overwrite. Default: Envoy's source address. The address shares out
+	// introspection calls fairly (max_calls_per_client_per_second).
+	ClientAddressHeader string `yaml:"client_address_header"`
 }
 
 // RouteConfig is one route's requirements.
 type RouteConfig struct {
 	Name  string `yaml:"name"`
 	Match Match  `yaml:"match"`
-	// Anonymous routes need no token; claim headers are still stripped.
+	// Anonymous routes need no token and look at none: claim headers and
+	// the Authorization header are stripped, so an unchecked token never
+	// reaches the upstream as if it had been verified.
 	Anonymous bool `yaml:"anonymous"`
+	// AllowMissing makes the token optional (Envoy jwt_authn's
+	// allow_missing): a request without one is allowed with no identity
+	// (claim and Authorization headers stripped); a request with one is
+	// checked like on any route, and an invalid token is a 401.
+	AllowMissing bool `yaml:"allow_missing"`
 	// Issuers accepted on this route (names). Default: every issuer.
 	Issuers []string `yaml:"issuers"`
 	// Scopes all required (from scope or scp); missing ones give 403.
@@ -138,16 +152,37 @@ func (c *Config) Validate() []string {
 		if m.Path != "" && m.PathPrefix != "" {
 			bad(key+".match", "set path or path_prefix, not both")
 		}
-		if m.Path != "" && !strings.HasPrefix(m.Path, "/") {
-			bad(key+".match.path", "must start with /")
+		for _, pat := range []struct{ key, val string }{{"path", m.Path}, {"path_prefix", m.PathPrefix}} {
+			if pat.val == "" {
+				continue
+			}
+			// A pattern follows the rules requests do, or it could never
+			// match one (or would match one that was refused).
+			if _, q, why := canonicalPath(pat.val); why != "" {
+				bad(key+".match."+pat.key, "%s", why)
+			} else if q != "" || strings.Contains(pat.val, "?") {
+				bad(key+".match."+pat.key, "a path has no query string")
+			}
 		}
-		if m.PathPrefix != "" && !strings.HasPrefix(m.PathPrefix, "/") {
-			bad(key+".match.path_prefix", "must start with /")
+		if h := m.Host; h != "" {
+			name := strings.TrimPrefix(h, "*.")
+			_, why := canonicalHost(name)
+			switch {
+			case strings.Contains(name, "*"):
+				bad(key+".match.host", "a wildcard is only allowed as a leading \"*.\"")
+			case why != "":
+				bad(key+".match.host", "%s", why)
+			case strings.HasPrefix(name, "[") && !strings.HasSuffix(name, "]") || !strings.HasPrefix(name, "[") && strings.Contains(name, ":"):
+				bad(key+".match.host", "no port: hosts are matched without one")
+			}
 		}
 		for j, meth := range m.Methods {
-			if meth == "" || strings.ToUpper(meth) != meth {
-				bad(fmt.Sprintf("%s.match.methods[%d]", key, j), "methods are upper case, like GET")
+			if _, why := canonicalMethod(meth); why != "" {
+				bad(fmt.Sprintf("%s.match.methods[%d]", key, j), "%s, like GET", why)
 			}
+		}
+		if r.Anonymous && r.AllowMissing {
+			bad(key, "anonymous or allow_missing, not both")
 		}
 		if r.Anonymous && (len(r.Issuers) > 0 || len(r.Scopes) > 0 || len(r.Claims) > 0 || r.Introspect != "" || r.Userinfo) {
 			bad(key, "an anonymous route takes no issuers, scopes, claims, introspect or userinfo")
@@ -204,6 +239,9 @@ func (c *Config) Validate() []string {
 		default:
 			bad(fmt.Sprintf("dynamic_metadata[%d]", i), "%q is not route, issuer, sub or scope", m)
 		}
+	}
+	if h := c.ClientAddressHeader; h != "" && (!headerName.MatchString(h) || h == "authorization") {
+		bad("client_address_header", "not a lower-case HTTP header name")
 	}
 	if c.MaxTokenBytes < 0 {
 		bad("max_token_bytes", "must be positive")

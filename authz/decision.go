@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -26,6 +27,7 @@ type decision struct {
 	desc       string // safe for clients
 	scope      string // for insufficient_scope
 	reason     string // stable, for logs and metrics
+	quiet      bool   // counted, but no log line (floods)
 	// Filled as the check goes:
 	route  *route
 	result *verify.Result
@@ -88,6 +90,9 @@ func (d *decision) response(p *policy, reqHeaders map[string]string, headerMap [
 	if d.allow {
 		return d.allowResponse(p, reqHeaders, headerMap)
 	}
+	// Every string of a CheckResponse must be UTF-8 or it does not marshal,
+	// and a gRPC error lets the request through under failure_mode_allow.
+	d.desc = safeText(d.desc, maxDescBytes)
 	body, _ := json.Marshal(struct {
 		Error string `json:"error"`
 		Desc  string `json:"error_description,omitempty"`
@@ -157,9 +162,9 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 	var remove []string
 	for _, ch := range p.headers {
 		if d.result != nil {
-			if v, found := d.result.Claims.Lookup(ch.claim); found {
-				// A value that cannot be a header is dropped: better no header
-				// than a broken one.
+			if v, found := d.result.Lookup(ch.claim); found {
+				// A value that cannot be a header, or only ambiguously, is
+				// dropped: better no header than a wrong one.
 				if s, fine := verify.FormatClaim(v); fine && validHeaderValue(s) {
 					ok.Headers = append(ok.Headers, setHeader(ch.header, s))
 					continue
@@ -169,10 +174,16 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 		remove = append(remove, ch.header)
 	}
 	if p.reserved != "" {
+		// One pass over the request's headers, deduplicated after: a
+		// request with many reserved headers costs linear time, not a
+		// scan of the removal list per header.
+		n := len(remove)
 		strip := func(k string) {
-			k = strings.ToLower(k)
-			if strings.HasPrefix(k, p.reserved) && !slices.Contains(remove, k) && !p.isClaimHeader(k) {
-				remove = append(remove, k)
+			if len(k) >= len(p.reserved) && strings.EqualFold(k[:len(p.reserved)], p.reserved) {
+				k = strings.ToLower(k)
+				if !p.isClaimHeader(k) {
+					remove = append(remove, k)
+				}
 			}
 		}
 		for k := range reqHeaders {
@@ -181,8 +192,15 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 		for _, h := range headerMap {
 			strip(h.GetKey())
 		}
+		if extra := remove[n:]; len(extra) > 1 {
+			slices.Sort(extra)
+			remove = append(remove[:n], slices.Compact(extra)...)
+		}
 	}
-	if p.stripAuthz {
+	// An allow with no verified token (anonymous, or a missing token where
+	// that is allowed) must not forward the client's Authorization header
+	// as if it had been checked.
+	if p.stripAuthz || d.result == nil {
 		remove = append(remove, "authorization")
 	}
 	ok.HeadersToRemove = remove
@@ -232,11 +250,12 @@ func (d *decision) metadata(p *policy) *structpb.Struct {
 	return &structpb.Struct{Fields: f}
 }
 
-// validHeaderValue refuses control characters (CR/LF would be a header
+// validHeaderValue refuses invalid UTF-8 (the CheckResponse would not
+// marshal), control characters (CR/LF would be a header
 // injection; Envoy with validate_mutations answers 500 on them) and values
 // too long for common proxies.
 func validHeaderValue(s string) bool {
-	if len(s) > 8192 {
+	if len(s) > 8192 || !utf8.ValidString(s) {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
@@ -245,4 +264,24 @@ func validHeaderValue(s string) bool {
 		}
 	}
 	return true
+}
+
+// maxDescBytes bounds a deny's description: it goes to the client in a
+// header and the body.
+const maxDescBytes = 256
+
+// safeText makes s valid UTF-8 and at most max bytes, cut at a rune
+// boundary, never inside one.
+func safeText(s string, max int) string {
+	if !utf8.ValidString(s) {
+		s = strings.ToValidUTF8(s, "\uFFFD")
+	}
+	if len(s) <= max {
+		return s
+	}
+	cut := max - len("…")
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
 }

@@ -13,7 +13,10 @@ import (
 // headers, or a header plus an access_token query parameter) is refused, as
 // RFC 6750 §2 requires, so two components can never disagree on which token
 // counts.
-func credentials(h *authv3.AttributeContext_HttpRequest, path string, maxTokenBytes int) (token string, d *decision) {
+//
+// query is the raw query string: ";" separates parameters there as "&"
+// does for some servers, so "?a=1;access_token=x" counts as a credential.
+func credentials(h *authv3.AttributeContext_HttpRequest, query string, maxTokenBytes int) (token string, d *decision) {
 	var values []string
 	if v, ok := h.GetHeaders()["authorization"]; ok {
 		values = append(values, v)
@@ -31,7 +34,7 @@ func credentials(h *authv3.AttributeContext_HttpRequest, path string, maxTokenBy
 	for _, v := range values {
 		n += strings.Count(v, ",")
 	}
-	if _, q, ok := strings.Cut(path, "?"); ok && queryHasToken(q) {
+	if queryHasToken(query) {
 		n++
 	}
 	switch {
@@ -61,7 +64,7 @@ func credentials(h *authv3.AttributeContext_HttpRequest, path string, maxTokenBy
 }
 
 func queryHasToken(q string) bool {
-	for part := range strings.SplitSeq(q, "&") {
+	for part := range strings.FieldsFuncSeq(q, func(r rune) bool { return r == '&' || r == ';' }) {
 		k, _, _ := strings.Cut(part, "=")
 		if k == "access_token" {
 			return true
@@ -92,29 +95,4 @@ func isToken68(s string) bool {
 		}
 	}
 	return true
-}
-
-// requestPath returns the path without query or fragment, or ok=false when
-// it has dot segments or encoded separators. A route prefix is compared with
-// the path as sent, while an upstream may resolve "/public/../admin" to
-// /admin; such paths are refused rather than guessed at. Envoy's
-// normalize_path and merge_slashes settings avoid them upstream of us.
-func requestPath(raw string) (string, bool) {
-	p := raw
-	if i := strings.IndexAny(p, "?#"); i >= 0 {
-		p = p[:i]
-	}
-	if p == "" || p[0] != '/' || strings.ContainsRune(p, '\\') {
-		return p, false
-	}
-	for seg := range strings.SplitSeq(p[1:], "/") {
-		if !strings.ContainsAny(seg, ".%") {
-			continue
-		}
-		dec, err := url.PathUnescape(seg)
-		if err != nil || dec == "." || dec == ".." || strings.ContainsAny(dec, "/\\") {
-			return p, false
-		}
-	}
-	return p, true
 }

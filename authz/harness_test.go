@@ -80,6 +80,7 @@ type req struct {
 	headers            map[string]string
 	ext                map[string]string
 	raw                []*corev3.HeaderValue // encode_raw_headers form
+	source             string                // the client's address, as Envoy's attributes.source
 }
 
 func (r req) proto() *authv3.CheckRequest {
@@ -105,6 +106,8 @@ func (r req) proto() *authv3.CheckRequest {
 			Headers: h, HeaderMap: headerMap(r.raw),
 		}},
 		ContextExtensions: r.ext,
+		Source: &authv3.AttributeContext_Peer{Address: &corev3.Address{Address: &corev3.Address_SocketAddress{
+			SocketAddress: &corev3.SocketAddress{Address: r.source, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 40000}}}}},
 	}}
 }
 

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -485,7 +486,65 @@ func TestIntrospectionFloodIsBounded(t *testing.T) {
 	if n := f.idp.IntrospectionHits.Load(); n > bound || int64(unavailable) < 100-bound {
 		t.Fatalf("100 made-up tokens: %d provider calls (bound %d), %d answered 503", n, bound, unavailable)
 	}
-	if !strings.Contains(logs.String(), "max_calls_per_second") {
-		t.Errorf("the log does not name the bound:\n%s", logs)
+	// Counted, not logged one by one.
+	if strings.Contains(logs.String(), "max_calls") || strings.Contains(logs.String(), "throttled") {
+		t.Errorf("calls over the budget were logged one by one:\n%s", logs)
+	}
+}
+
+// TestIntrospectionFloodSharedFairly: while one client floods made-up
+// opaque tokens, fresh valid tokens from other clients are still
+// introspected (each client has its share; the flooder only gets the
+// surplus), by Envoy's source address or by a configured header.
+func TestIntrospectionFloodSharedFairly(t *testing.T) {
+	for _, header := range []string{"", "x-forwarded-for"} {
+		t.Run("by "+map[string]string{"": "source address", "x-forwarded-for": header}[header], func(t *testing.T) {
+			f := newIntroFixture(t, "client_secret_basic")
+			f.cfg.Issuers[0].Introspection.MaxCallsPerSecond = 100 // 10 per client
+			f.cfg.ClientAddressHeader = header
+			c, _ := f.start(t)
+			from := func(addr string, r req) req {
+				if header == "" {
+					r.source = addr
+				} else {
+					r.source = "10.9.9.9" // the proxy in front
+					r.headers[header] = "203.0.113.7, " + addr
+				}
+				return r
+			}
+			stop := make(chan struct{})
+			var flood sync.WaitGroup
+			var floodUnavailable atomic.Int64
+			for w := range 4 {
+				flood.Add(1)
+				go func() {
+					defer flood.Done()
+					for i := 0; ; i++ {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						resp := check(t, c, from("198.51.100.66", req{headers: bearer(fmt.Sprintf("made-up-%d-%d", w, i))}))
+						if codes.Code(resp.GetStatus().GetCode()) == codes.Unavailable {
+							floodUnavailable.Add(1)
+						}
+					}
+				}()
+			}
+			waitUntil(t, func() bool { return floodUnavailable.Load() > 50 }) // the flood is over its share
+			refused := 0
+			for i := range 30 {
+				resp := check(t, c, from(fmt.Sprintf("192.0.2.%d", i+1), req{headers: bearer(f.opaque(nil))}))
+				if codes.Code(resp.GetStatus().GetCode()) != codes.OK {
+					refused++
+				}
+			}
+			close(stop)
+			flood.Wait()
+			if refused > 0 {
+				t.Fatalf("%d of 30 fresh valid tokens from other clients refused during the flood", refused)
+			}
+		})
 	}
 }

@@ -1,6 +1,8 @@
 package authz_test
 
 import (
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -171,4 +173,56 @@ func claimsAt(idp *idptest.IdP, clk *clock) map[string]any {
 	m := idp.Claims(aud)
 	m["iat"], m["exp"] = clk.Unix(), clk.Unix()+3600
 	return m
+}
+
+// TestDiscoveryCannotPointElsewhere: endpoints a discovery document names on
+// another origin are refused (503, no call to that host) unless the config
+// lists the host; the refusal is logged with the endpoint and the reason.
+func TestDiscoveryCannotPointElsewhere(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	idp := idptest.New(t, k1)
+	attacker := idptest.New(t, k1) // same key, so only the origin rule can refuse it
+	for _, field := range []string{"jwks_uri", "introspection_endpoint", "userinfo_endpoint"} {
+		t.Run(field, func(t *testing.T) {
+			idp := idptest.New(t, k1)
+			target := map[string]string{"jwks_uri": attacker.JWKSURL(), "introspection_endpoint": attacker.IntrospectionURL(),
+				"userinfo_endpoint": attacker.UserinfoURL()}[field]
+			idp.SetDiscoveryField(field, target)
+			logs := &logBuffer{}
+			log := slog.New(slog.NewTextHandler(logs, nil))
+			cfg := &authz.Config{
+				Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud}, Discovery: true,
+					Algorithms: []string{"RS256"}, Userinfo: &verify.UserinfoConfig{}}},
+				Routes: []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}, Userinfo: true}},
+			}
+			v, err := verify.New(cfg.Issuers, verify.Options{Logger: log})
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv, err := authz.NewServer(cfg, v, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := serve(t, srv)
+			denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}), codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
+			if n := attacker.JWKSHits.Load() + attacker.UserinfoHits.Load(); n != 0 {
+				t.Errorf("%d calls went to the host the document named", n)
+			}
+			if !strings.Contains(logs.String(), field) || !strings.Contains(logs.String(), "discovery_allowed_hosts") {
+				t.Errorf("no clear log line: %s", logs.String())
+			}
+		})
+	}
+	// Listed, the other host is used.
+	idp.SetDiscoveryField("jwks_uri", attacker.JWKSURL())
+	host := strings.TrimPrefix(attacker.URL(), "http://")
+	cfg := &authz.Config{
+		Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud}, Discovery: true,
+			DiscoveryAllowedHosts: []string{host}, Algorithms: []string{"RS256"}}},
+		Routes: []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}}},
+	}
+	allowed(t, check(t, start(t, cfg, nil), req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}))
+	if attacker.JWKSHits.Load() != 1 {
+		t.Errorf("the allowed host served %d key fetches, want 1", attacker.JWKSHits.Load())
+	}
 }

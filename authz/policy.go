@@ -22,6 +22,8 @@ type policy struct {
 	realm         string
 	stripAuthz    bool
 	maxTokenBytes int
+	foldRoutes    bool // some route pattern has upper-case or non-ASCII letters
+	clientHeader  string
 	issuerMeta    map[string]*structpb.Value // issuer name → metadata value
 	meta          struct{ route, issuer, sub, scope bool }
 }
@@ -43,16 +45,20 @@ func (p *policy) isClaimHeader(h string) bool {
 }
 
 type route struct {
-	name      string
-	host      string // lower case; "*.x" for wildcard
-	path      string
-	prefix    string
-	methods   []string
-	anonymous bool
-	metaName  *structpb.Value // the name as dynamic metadata, shared by responses
-	vpol      verify.Policy   // what the token must pass in verify
-	scopes    []string
-	claims    []claimRule
+	name   string
+	host   string // lower case; "*.x" for wildcard
+	path   string // canonical (decoded); "" for any
+	prefix string // canonical, without a trailing "/"; "" for any
+	// The same, case-folded, for the ambiguity check in match.
+	foldPath, foldPrefix string
+	methods              []string
+	anonymous            bool
+	// allowMissing: no token is an allow without identity; a bad one a 401.
+	allowMissing bool
+	metaName     *structpb.Value // the name as dynamic metadata, shared by responses
+	vpol         verify.Policy   // what the token must pass in verify
+	scopes       []string
+	claims       []claimRule
 }
 
 type claimHeader struct{ header, claim string }
@@ -72,6 +78,7 @@ func compile(c *Config) (*policy, error) {
 		realm:         c.Realm,
 		stripAuthz:    c.StripAuthorization,
 		maxTokenBytes: c.MaxTokenBytes,
+		clientHeader:  c.ClientAddressHeader,
 	}
 	for _, m := range c.DynamicMetadata {
 		switch m {
@@ -98,18 +105,21 @@ func compile(c *Config) (*policy, error) {
 		p.issuerMeta[is.Name] = structpb.NewStringValue(is.Name)
 	}
 	for _, rc := range c.Routes {
+		path, _, _ := canonicalPath(rc.Match.Path)
+		prefix, _, _ := canonicalPath(rc.Match.PathPrefix)
 		r := &route{
-			name: rc.Name, host: strings.ToLower(rc.Match.Host), path: rc.Match.Path,
-			prefix: strings.TrimSuffix(rc.Match.PathPrefix, "/"), methods: rc.Match.Methods,
-			anonymous: rc.Anonymous, scopes: rc.Scopes, metaName: structpb.NewStringValue(rc.Name),
+			name: rc.Name, host: strings.ToLower(strings.TrimSuffix(rc.Match.Host, ".")), path: path,
+			prefix: strings.TrimSuffix(prefix, "/"), methods: rc.Match.Methods,
+			anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, scopes: rc.Scopes, metaName: structpb.NewStringValue(rc.Name),
 			vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
 		}
 		if len(r.vpol.Issuers) == 0 {
 			r.vpol.Issuers = allIssuers
 		}
 		// The prefix "/" becomes "" and matches every path.
-		if rc.Match.PathPrefix == "" {
-			r.prefix = ""
+		r.foldPath, r.foldPrefix = foldCase(r.path), foldCase(r.prefix)
+		if needsFold(r.path) || needsFold(r.prefix) {
+			p.foldRoutes = true
 		}
 		names := make([]string, 0, len(rc.Claims))
 		for n := range rc.Claims {
@@ -201,25 +211,31 @@ func (r *claimRule) describe() string {
 	return strings.Join(parts, " or ")
 }
 
-// match selects the route for a request. path has no query string.
-func (p *policy) match(host, path, method string) *route {
-	if h, _, ok := strings.Cut(host, ":"); ok && !strings.Contains(h, "[") {
-		host = h
-	} else if strings.HasPrefix(host, "[") {
-		if i := strings.Index(host, "]"); i > 0 {
-			host = host[:i+1]
+// match selects the route for a canonical request. When matching the path
+// case-insensitively would choose another route than matching it exactly
+// (/ADMIN against /admin and /, /PUBLIC/x against /public and /), the
+// request is ambiguous: a case-insensitive upstream serves the one, a
+// case-sensitive upstream the other, so neither is picked.
+func (p *policy) match(rq *request) (r *route, ambiguous bool) {
+	r = p.firstMatch(rq, rq.path, false)
+	if p.foldRoutes || needsFold(rq.path) {
+		if p.firstMatch(rq, foldCase(rq.path), true) != r {
+			return nil, true
 		}
 	}
-	host = strings.ToLower(host)
+	return r, false
+}
+
+func (p *policy) firstMatch(rq *request, path string, folded bool) *route {
 	for _, r := range p.routes {
-		if r.matches(host, path, method) {
+		if r.matches(rq.host, path, rq.method, folded) {
 			return r
 		}
 	}
 	return nil
 }
 
-func (r *route) matches(host, path, method string) bool {
+func (r *route) matches(host, path, method string, folded bool) bool {
 	if r.host != "" {
 		if wild, ok := strings.CutPrefix(r.host, "*"); ok {
 			if !strings.HasSuffix(host, wild) || len(host) == len(wild) {
@@ -229,10 +245,14 @@ func (r *route) matches(host, path, method string) bool {
 			return false
 		}
 	}
-	if r.path != "" && path != r.path {
+	exact, prefix := r.path, r.prefix
+	if folded {
+		exact, prefix = r.foldPath, r.foldPrefix
+	}
+	if exact != "" && path != exact {
 		return false
 	}
-	if r.prefix != "" && path != r.prefix && !strings.HasPrefix(path, r.prefix+"/") {
+	if prefix != "" && path != prefix && !strings.HasPrefix(path, prefix+"/") {
 		return false
 	}
 	if len(r.methods) > 0 {

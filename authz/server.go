@@ -139,16 +139,12 @@ func answerNote(r *verify.Result) string {
 func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest, tr *trail) (*decision, string) {
 	p := st.pol
 	h := req.GetAttributes().GetRequest().GetHttp()
-	rawPath := h.GetPath()
-	if rawPath == "" {
-		rawPath = h.GetHeaders()[":path"]
-	}
-	path, ok := requestPath(rawPath)
-	if !ok {
+	rq, d := canonicalRequest(h)
+	if d != nil {
 		if tr != nil {
-			tr.add("path %q has dot segments or encoded separators: refused rather than guessed at", rawPath)
+			tr.add("request refused before route matching: %s (it has no single meaning across upstreams)", d.desc)
 		}
-		return denyRequest("bad_path", "the request path is not normalized"), ""
+		return d, ""
 	}
 	var r *route
 	if name, named := req.GetAttributes().GetContextExtensions()["route"]; named {
@@ -163,32 +159,37 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			tr.add("route %q, named by Envoy's context_extensions", name)
 		}
 	} else {
-		host := h.GetHost()
-		if host == "" {
-			host = h.GetHeaders()[":authority"]
-		}
-		method := h.GetMethod()
-		if method == "" {
-			method = h.GetHeaders()[":method"]
-		}
-		if r = p.match(host, path, method); r == nil {
+		var ambiguous bool
+		if r, ambiguous = p.match(&rq); ambiguous {
 			if tr != nil {
-				tr.add("no route matches %s %s on host %q", method, path, host)
+				tr.add("%s %s on host %q: exact and case-insensitive matching choose different routes", rq.method, rq.path, rq.host)
+			}
+			return denyRequest("ambiguous_case", "the path's letter case selects a different policy than its lower-case form"), ""
+		}
+		if r == nil {
+			if tr != nil {
+				tr.add("no route matches %s %s on host %q", rq.method, rq.path, rq.host)
 			}
 			return denyNoRoute("no_route", "no route matches the request"), ""
 		}
 		if tr != nil {
-			tr.add("route %q: the first whose match fits %s %s on host %q", r.name, method, path, host)
+			tr.add("route %q: the first whose match fits %s %s on host %q", r.name, rq.method, rq.path, rq.host)
 		}
 	}
 	if r.anonymous {
 		if tr != nil {
-			tr.add("route %q is anonymous: no token needed (claim headers are still stripped)", r.name)
+			tr.add("route %q is anonymous: no token looked at (claim and Authorization headers are stripped)", r.name)
 		}
 		return &decision{allow: true, reason: "anonymous", route: r}, ""
 	}
 
-	token, d := credentials(h, rawPath, p.maxTokenBytes)
+	token, d := credentials(h, rq.query, p.maxTokenBytes)
+	if d != nil && d.reason == "missing_token" && r.allowMissing {
+		if tr != nil {
+			tr.add("no bearer token, and route %q allows a missing one: allowed with no identity (claim and Authorization headers stripped)", r.name)
+		}
+		return &decision{allow: true, reason: "no_token", route: r}, ""
+	}
 	if d != nil {
 		if tr != nil {
 			tr.add("credentials: %s", d.desc)
@@ -200,7 +201,9 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 		tr.add("bearer token: %d bytes, %s, sha256 prefix %s", len(token), verify.Describe(token), TokenHash(token))
 		tr.add("issuers accepted on route %q: %s", r.name, strings.Join(r.vpol.Issuers, ", "))
 	}
-	res, err := st.v.Verify(ctx, token, r.vpol)
+	vp := r.vpol
+	vp.Client = clientAddress(req, p.clientHeader)
+	res, err := st.v.Verify(ctx, token, vp)
 	if err != nil {
 		ve := verify.AsError(err)
 		var d *decision
@@ -208,6 +211,14 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			d = denyInvalid(ve.Reason, ve.Desc)
 			if tr != nil {
 				tr.add("token refused (%s): %s", ve.Reason, ve.Desc)
+			}
+		} else if ve.Reason == verify.ReasonThrottled {
+			// Expected under a flood: counted (decision and provider
+			// metrics), not logged one by one.
+			d = errUnavailable("authorization is temporarily unavailable")
+			d.reason, d.quiet = verify.ReasonThrottled, true
+			if tr != nil {
+				tr.add("no decision possible: %v", err)
 			}
 		} else {
 			// The cause names the issuer and endpoint, never the token.
@@ -252,7 +263,7 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 	}
 	for i := range r.claims {
 		rule := &r.claims[i]
-		v, found := res.Claims.Lookup(rule.claim)
+		v, found := res.Lookup(rule.claim)
 		if !found || !rule.satisfied(v) {
 			if tr != nil {
 				got := "absent"
@@ -279,7 +290,7 @@ func (s *Server) report(ctx context.Context, span trace.Span, d *decision, token
 	info := d.info(took)
 	s.obs.endSpan(span, d, info)
 	s.obs.Observer.Decision(info)
-	if d.allow && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
+	if d.quiet || d.allow && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
 		return
 	}
 	attrs := []slog.Attr{slog.String("reason", d.reason), slog.Int("status", int(d.httpStatus))}

@@ -37,3 +37,5 @@ func rawHeaders(kv ...string) []*corev3.HeaderValue {
 	}
 	return out
 }
+
+func b64(s string) string { return base64.RawURLEncoding.EncodeToString([]byte(s)) }

@@ -22,6 +22,7 @@ type served struct {
 
 func (s *served) KeySetFetched(string, error)                         {}
 func (s *served) ProviderCalled(string, string, time.Duration, error) {}
+func (s *served) Throttled(string, string)                            {}
 func (s *served) Served(kind string, src cache.Source) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -188,6 +189,21 @@ func (c *RedisConfig) UniversalOptions() (*redis.UniversalOptions, error) {
 		ClientName: "tokenauthz", DialTimeout: r.Timeout, ReadTimeout: r.Timeout, WriteTimeout: r.Timeout,
 		ContextTimeoutEnabled: true, MaxRetries: -1, DialerRetries: 1,
 	}
+	if r.PasswordFile != "" {
+		// Read again for every new connection, so a rotated password file
+		// applies without a restart; an unreadable or empty file keeps the
+		// last good password.
+		var mu sync.Mutex
+		cur := string(pw)
+		o.CredentialsProvider = func() (string, string) {
+			mu.Lock()
+			defer mu.Unlock()
+			if p, err := ReadSecret(r.PasswordFile, ""); err == nil && len(p) > 0 {
+				cur = string(p)
+			}
+			return r.Username, cur
+		}
+	}
 	if r.TLS != nil {
 		if o.TLSConfig, err = r.TLS.config(); err != nil {
 			return nil, err
@@ -212,8 +228,8 @@ const (
 // call, never a wrong decision.
 type Shared struct {
 	rdb      redis.UniversalClient
-	prefix   string // KeyPrefix + schema, e.g. "tokenauthz:v1:"
-	mac      []byte
+	prefix   string                  // KeyPrefix + schema, e.g. "tokenauthz:v1:"
+	mac      atomic.Pointer[macKeys] // nil: no HMAC
 	timeout  time.Duration
 	lockWait time.Duration
 	lockTTL  time.Duration
@@ -259,8 +275,11 @@ func newShared(cfg *RedisConfig, rdb redis.UniversalClient, o SharedOptions) (*S
 		return nil, fmt.Errorf("redis hmac key: %w", err)
 	}
 	s := &Shared{
-		rdb: rdb, prefix: fmt.Sprintf("%sv%d:", r.KeyPrefix, cachev1.Schema_SCHEMA_VERSION), mac: mac,
+		rdb: rdb, prefix: fmt.Sprintf("%sv%d:", r.KeyPrefix, cachev1.Schema_SCHEMA_VERSION),
 		timeout: r.Timeout, lockWait: r.LockWait, lockTTL: r.LockTTL, log: o.Logger.With("component", "redis"), now: o.Now,
+	}
+	if mac != nil {
+		s.mac.Store(&macKeys{cur: mac})
 	}
 	failures := uint32(r.BreakerFailures)
 	s.br = gobreaker.NewCircuitBreaker[any](gobreaker.Settings{
@@ -321,7 +340,8 @@ func (s *Shared) Get(ctx context.Context, key string) (payload []byte, expires t
 		s.reject(key, "undecodable entry")
 		return nil, time.Time{}, false
 	}
-	if s.mac != nil && !hmac.Equal(e.GetMac(), s.sum(key, &e)) {
+	if keys := s.mac.Load(); keys != nil && !hmac.Equal(e.GetMac(), sum(keys.cur, key, &e)) &&
+		(keys.prev == nil || !hmac.Equal(e.GetMac(), sum(keys.prev, key, &e))) {
 		s.reject(key, "HMAC check failed")
 		return nil, time.Time{}, false
 	}
@@ -345,8 +365,8 @@ func (s *Shared) Set(ctx context.Context, key string, payload []byte, expires ti
 		return
 	}
 	e := &cachev1.Entry{Schema: uint32(cachev1.Schema_SCHEMA_VERSION), ExpiresUnixNano: expires.UnixNano(), Payload: payload}
-	if s.mac != nil {
-		e.Mac = s.sum(key, e)
+	if keys := s.mac.Load(); keys != nil {
+		e.Mac = sum(keys.cur, key, e)
 	}
 	raw, err := proto.Marshal(e)
 	if err != nil {
@@ -365,8 +385,8 @@ func (s *Shared) Delete(ctx context.Context, key string) error {
 
 // sum is the entry's HMAC: it binds the payload to its key, schema and
 // expiry, so an entry cannot be replayed under another key or kept alive.
-func (s *Shared) sum(key string, e *cachev1.Entry) []byte {
-	m := hmac.New(sha256.New, s.mac)
+func sum(mac []byte, key string, e *cachev1.Entry) []byte {
+	m := hmac.New(sha256.New, mac)
 	var n [8]byte
 	binary.BigEndian.PutUint64(n[:], uint64(len(key)))
 	m.Write(n[:])
@@ -501,4 +521,27 @@ func ReadSecret(file, env string) ([]byte, error) {
 		return nil, errors.New("secret is empty")
 	}
 	return s, nil
+}
+
+// macKeys are the HMAC keys in force: entries are written under cur and
+// read under cur or prev, so pods still on the previous key during a
+// rotation keep their entries readable.
+type macKeys struct{ cur, prev []byte }
+
+// SetHMACKey puts a new HMAC key in force (a rotated key file), keeping the
+// previous one for reading. A Shared tier without HMAC stays without: turning
+// it on or off takes a restart.
+func (s *Shared) SetHMACKey(k []byte) error {
+	if len(k) < 32 {
+		return fmt.Errorf("redis hmac key: at least 32 bytes, have %d", len(k))
+	}
+	old := s.mac.Load()
+	if old == nil {
+		return errors.New("redis hmac key: the tier runs without HMAC; a key takes effect on restart")
+	}
+	if hmac.Equal(old.cur, k) {
+		return nil
+	}
+	s.mac.Store(&macKeys{cur: k, prev: old.cur})
+	return nil
 }

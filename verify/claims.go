@@ -12,9 +12,36 @@ import (
 // arrays []any, objects map[string]any.
 type Claims map[string]any
 
+// Namespaces are claim-path prefixes that name a source other than the
+// token ("userinfo.email" is the userinfo endpoint's email). A token's own
+// claims are never consulted for them, so a token cannot forge a claim the
+// route expects from elsewhere by carrying a "userinfo" claim.
+var Namespaces = []string{"userinfo"}
+
+// namespaced reports whether path starts with a namespace, and splits it.
+func namespaced(path string) (ns, rest string, ok bool) {
+	for _, n := range Namespaces {
+		if path == n {
+			return n, "", true
+		}
+		if len(path) > len(n) && path[len(n)] == '.' && path[:len(n)] == n {
+			return n, path[len(n)+1:], true
+		}
+	}
+	return "", "", false
+}
+
 // Lookup finds a claim by a dotted path ("realm_access.roles"). A top-level
-// claim whose name itself contains dots is found first.
+// claim whose name itself contains dots is found first. A path in one of
+// the Namespaces is never found in a token's claims.
 func (c Claims) Lookup(path string) (any, bool) {
+	if _, _, ok := namespaced(path); ok {
+		return nil, false
+	}
+	return c.lookup(path)
+}
+
+func (c Claims) lookup(path string) (any, bool) {
 	if v, ok := c[path]; ok {
 		return v, true
 	}
@@ -111,7 +138,9 @@ func numericDate(c Claims, name string) (time.Time, bool, error) {
 // FormatClaim renders a claim value for an HTTP header: strings as they are,
 // numbers in their JSON form, booleans as true/false, arrays comma-joined and
 // objects as compact JSON. ok is false for null and for values that cannot be
-// rendered.
+// rendered unambiguously: an array is a comma-separated list only when no
+// element could split or merge in an RFC 9110 list parser, so
+// ["dev,admin","ops"] (which would read as three groups) is not rendered.
 func FormatClaim(v any) (string, bool) {
 	switch v := v.(type) {
 	case string:
@@ -123,7 +152,7 @@ func FormatClaim(v any) (string, bool) {
 	case []any:
 		parts := make([]string, 0, len(v))
 		for _, e := range v {
-			s, ok := FormatClaim(e)
+			s, ok := listElement(e)
 			if !ok {
 				return "", false
 			}
@@ -136,6 +165,44 @@ func FormatClaim(v any) (string, bool) {
 			return "", false
 		}
 		return string(b), true
+	}
+	return "", false
+}
+
+// Lookup finds a claim of the result: "userinfo.<path>" in the userinfo
+// endpoint's answer (absent when it was not fetched), anything else in the
+// token's claims (or the introspection answer).
+func (r *Result) Lookup(path string) (any, bool) {
+	ns, rest, ok := namespaced(path)
+	if !ok {
+		return r.Claims.lookup(path)
+	}
+	switch ns {
+	case "userinfo":
+		if r.Userinfo == nil {
+			return nil, false
+		}
+		if rest == "" {
+			return map[string]any(r.Userinfo), true
+		}
+		return r.Userinfo.lookup(rest)
+	}
+	return nil, false
+}
+
+// listElement renders one element of an array claim for a comma-separated
+// header, or refuses it: nested arrays and objects, empty strings, and
+// strings with a comma, a double quote (an RFC 9110 quoted-string) or
+// leading or trailing whitespace (list parsers trim it).
+func listElement(e any) (string, bool) {
+	switch e := e.(type) {
+	case string:
+		if e == "" || strings.ContainsAny(e, ",\"") || strings.TrimSpace(e) != e {
+			return "", false
+		}
+		return e, true
+	case json.Number, bool:
+		return FormatClaim(e)
 	}
 	return "", false
 }

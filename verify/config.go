@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -29,8 +30,14 @@ type IssuerConfig struct {
 	JWKSURI string `yaml:"jwks_uri"`
 	// Discovery reads <issuer>/.well-known/openid-configuration and uses its
 	// jwks_uri; the document's issuer must equal Issuer.
-	Discovery bool   `yaml:"discovery"`
-	JWKSFile  string `yaml:"jwks_file"`
+	Discovery bool `yaml:"discovery"`
+	// DiscoveryAllowedHosts are hosts (with port, if not 443) besides the
+	// issuer's own origin that may serve the jwks_uri, introspection and
+	// userinfo endpoints a discovery document names, over https. Google's
+	// keys, for one, are on www.googleapis.com. A document naming any other
+	// host is refused.
+	DiscoveryAllowedHosts []string `yaml:"discovery_allowed_hosts"`
+	JWKSFile              string   `yaml:"jwks_file"`
 	// JWKS is an inline JSON Web Key Set.
 	JWKS string `yaml:"jwks"`
 	// HMACSecretFile / HMACSecretEnv hold a shared secret for HS256/384/512.
@@ -92,6 +99,11 @@ type IntrospectionConfig struct {
 	// into a flood at the provider; calls over it are a 503. Default 500;
 	// -1 removes the bound.
 	MaxCallsPerSecond int `yaml:"max_calls_per_second"`
+	// MaxCallsPerClientPerSecond is each client address's share of
+	// max_calls_per_second (with a burst of as many), so one client's flood
+	// of made-up tokens cannot starve the others. Default a tenth of
+	// max_calls_per_second; -1 removes the per-client share.
+	MaxCallsPerClientPerSecond int `yaml:"max_calls_per_client_per_second"`
 	// AllowHTTP permits a plain-http endpoint on a non-loopback host.
 	// Dangerous: tokens and the client secret cross the network in the clear.
 	AllowHTTP bool `yaml:"allow_http"`
@@ -123,7 +135,9 @@ const (
 	defaultEndpointTimeout  = 2 * time.Second
 	defaultEndpointMaxBytes = 64 << 10
 	defaultCacheTTL         = 30 * time.Second
-	defaultNegativeCacheTTL = 5 * time.Second
+	// defaultMaxCallsPerSecond bounds introspection calls per pod.
+	defaultMaxCallsPerSecond = 500
+	defaultNegativeCacheTTL  = 5 * time.Second
 )
 
 func durOr(d *time.Duration, def time.Duration) time.Duration {
@@ -242,6 +256,15 @@ func (c *IssuerConfig) Validate() []string {
 			bad("issuer", "discovery needs a fetchable issuer URL: %v", err)
 		}
 	}
+	for i, h := range c.DiscoveryAllowedHosts {
+		key := fmt.Sprintf("discovery_allowed_hosts[%d]", i)
+		switch {
+		case !c.Discovery:
+			bad(key, "only used with discovery: true")
+		case h == "" || strings.ContainsAny(h, "/@?# ") || strings.Contains(h, "*"):
+			bad(key, "a host name (with :port if not 443), not a URL or a pattern")
+		}
+	}
 	if c.JWKSFile != "" {
 		if b, err := os.ReadFile(c.JWKSFile); err != nil {
 			bad("jwks_file", "%v", err)
@@ -314,6 +337,9 @@ func (in *IntrospectionConfig) validate(discovery bool) []string {
 	}
 	if in.MaxCallsPerSecond < -1 {
 		p = append(p, "introspection.max_calls_per_second: a positive number, or -1 for no bound")
+	}
+	if in.MaxCallsPerClientPerSecond < -1 {
+		p = append(p, "introspection.max_calls_per_client_per_second: a positive number, or -1 for no per-client share")
 	}
 	switch {
 	case in.ClientSecretFile != "" && in.ClientSecretEnv != "":

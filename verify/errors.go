@@ -51,6 +51,11 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
+// ReasonThrottled is the Reason of an Unavailable error for a provider call
+// refused by the per-pod call budget: expected under a flood, so callers
+// count it rather than log it.
+const ReasonThrottled = "throttled"
+
 func invalid(reason, desc string) *Error {
 	return &Error{Kind: Invalid, Reason: reason, Desc: desc}
 }

@@ -14,7 +14,6 @@ import (
 
 	"github.com/sony/gobreaker/v2"
 	"go.opentelemetry.io/otel/attribute"
-	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -59,8 +58,8 @@ type endpoint struct {
 	// br pauses calls to a provider that keeps failing, so that an outage
 	// is not met with a call per request (failures are never cached).
 	br *gobreaker.CircuitBreaker[*providerAnswer]
-	// limit bounds calls per second (nil: unbounded).
-	limit *rate.Limiter
+	// budget bounds calls per second, fairly by client (nil: unbounded).
+	budget *callBudget
 }
 
 // Breaker settings for provider endpoints: after this many consecutive
@@ -331,24 +330,25 @@ func answerKey(kind string, is *Issuer, tk tokenKey) string {
 
 // introspect asks (or recalls) the issuer's introspection endpoint about a
 // token.
-func (v *Verifier) introspect(ctx context.Context, is *Issuer, raw string, tk tokenKey) (*providerAnswer, cache.Source, error) {
-	return v.ask(ctx, is.introspection.endpoint, tk, time.Time{}, func(ctx context.Context) (*providerAnswer, error) {
+func (v *Verifier) introspect(ctx context.Context, is *Issuer, raw string, tk tokenKey, client string) (*providerAnswer, cache.Source, error) {
+	return v.ask(ctx, is.introspection.endpoint, tk, time.Time{}, client, func(ctx context.Context) (*providerAnswer, error) {
 		return is.introspection.introspect(ctx, raw)
 	})
 }
 
 // userinfo asks (or recalls) the issuer's userinfo endpoint about a token
 // that expires at exp.
-func (v *Verifier) userinfo(ctx context.Context, is *Issuer, raw string, tk tokenKey, exp time.Time) (*providerAnswer, error) {
-	a, _, err := v.ask(ctx, is.userinfo.endpoint, tk, exp, func(ctx context.Context) (*providerAnswer, error) {
+func (v *Verifier) userinfo(ctx context.Context, is *Issuer, raw string, tk tokenKey, exp time.Time, client string) (*providerAnswer, error) {
+	a, _, err := v.ask(ctx, is.userinfo.endpoint, tk, exp, client, func(ctx context.Context) (*providerAnswer, error) {
 		return is.userinfo.fetch(ctx, raw)
 	})
 	return a, err
 }
 
 // ask returns e's answer about a token from the cache, or calls e. exp is
-// the token's expiry when known (the answer's own exp counts otherwise).
-func (v *Verifier) ask(ctx context.Context, e *endpoint, tk tokenKey, exp time.Time,
+// the token's expiry when known (the answer's own exp counts otherwise);
+// client is the requester's address, charged for the call.
+func (v *Verifier) ask(ctx context.Context, e *endpoint, tk tokenKey, exp time.Time, client string,
 	call func(context.Context) (*providerAnswer, error)) (a *providerAnswer, src cache.Source, err error) {
 	ctx, span := v.tel.start(ctx, "tokenauthz."+e.kind, attribute.String("tokenauthz.issuer", e.issuer.name))
 	defer func() {
@@ -360,8 +360,14 @@ func (v *Verifier) ask(ctx context.Context, e *endpoint, tk tokenKey, exp time.T
 	}()
 	a, src, err = v.answers.Get(ctx, answerKey(e.kind, e.issuer, tk), func(ctx context.Context) (*providerAnswer, time.Duration, error) {
 		start := time.Now()
-		if e.limit != nil && !e.limit.Allow() {
-			return nil, 0, e.fail(fmt.Errorf("over max_calls_per_second (%v): no call made", e.limit.Limit()))
+		if e.budget != nil {
+			if over := e.budget.allow(client); over != "" {
+				// Counted, not logged: a flood would log a line per request.
+				v.tel.obs.Throttled(e.issuer.name, e.kind)
+				ve := e.fail(fmt.Errorf("over %s: no call made", over))
+				ve.Reason = ReasonThrottled
+				return nil, 0, ve
+			}
 		}
 		called := false
 		a, err := e.br.Execute(func() (*providerAnswer, error) { called = true; return call(ctx) })

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -65,10 +66,13 @@ type remoteKeys struct {
 	issuer    string
 	jwksURI   string // fixed, or learned from discovery
 	discovery bool
-	cfg       KeysConfig
-	client    *http.Client
-	log       *slog.Logger
-	now       func() time.Time
+	// otherHosts may serve the endpoints a discovery document names,
+	// besides the issuer's own origin.
+	otherHosts []string
+	cfg        KeysConfig
+	client     *http.Client
+	log        *slog.Logger
+	now        func() time.Time
 
 	cur     atomic.Pointer[keySet]
 	flights singleflight.Group
@@ -464,7 +468,47 @@ func (r *remoteKeys) discover(ctx context.Context) (*discoveryDoc, error) {
 	if err := checkFetchURL(doc.JWKSURI, r.cfg.AllowHTTP); err != nil {
 		return nil, fmt.Errorf("%s: jwks_uri: %w", uri, err)
 	}
+	// A document can name any URL; whoever can change it (or answer for the
+	// issuer's host) must not be able to point key fetches, or the token
+	// sent to introspection and userinfo, at a host of their choosing.
+	for _, ep := range []struct{ name, url string }{
+		{"jwks_uri", doc.JWKSURI}, {"introspection_endpoint", doc.IntrospectionEndpoint}, {"userinfo_endpoint", doc.UserinfoEndpoint},
+	} {
+		if ep.url == "" {
+			continue
+		}
+		if err := sameOrigin(r.issuer, ep.url, r.otherHosts); err != nil {
+			return nil, fmt.Errorf("%s: %s %q refused: %w (list the host in discovery_allowed_hosts if it is the provider's)", uri, ep.name, ep.url, err)
+		}
+	}
 	return &doc, nil
+}
+
+// sameOrigin accepts u when it has the issuer's scheme, host and port, or is
+// on one of the allowed hosts.
+func sameOrigin(issuer, u string, allowed []string) error {
+	iu, err := url.Parse(issuer)
+	if err != nil {
+		return err
+	}
+	eu, err := url.Parse(u)
+	if err != nil {
+		return errors.New("not a URL")
+	}
+	if eu.User != nil {
+		return errors.New("it carries user info")
+	}
+	if strings.EqualFold(eu.Scheme, iu.Scheme) && strings.EqualFold(eu.Host, iu.Host) {
+		return nil
+	}
+	for _, h := range allowed {
+		// No downgrade: https, or the issuer's own scheme (http only where
+		// checkFetchURL allows it: loopback, or allow_http).
+		if (strings.EqualFold(eu.Scheme, "https") || strings.EqualFold(eu.Scheme, iu.Scheme)) && strings.EqualFold(eu.Host, h) {
+			return nil
+		}
+	}
+	return fmt.Errorf("not on the issuer's origin %s://%s", iu.Scheme, iu.Host)
 }
 
 var errTooLarge = errors.New("response too large")

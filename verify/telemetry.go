@@ -22,6 +22,8 @@ type Observer interface {
 	KeySetFetched(issuer string, err error)
 	// ProviderCalled: one introspection or userinfo call.
 	ProviderCalled(issuer, endpoint string, took time.Duration, err error)
+	// Throttled: a provider call refused by the call budget.
+	Throttled(issuer, endpoint string)
 	// Served: where an issuer's keys (kind "keys") or an introspection or
 	// userinfo answer came from for one request.
 	Served(kind string, src cache.Source)
@@ -32,6 +34,7 @@ type nopObserver struct{}
 func (nopObserver) KeySetFetched(string, error)                         {}
 func (nopObserver) ProviderCalled(string, string, time.Duration, error) {}
 func (nopObserver) Served(string, cache.Source)                         {}
+func (nopObserver) Throttled(string, string)                            {}
 
 // telemetry is what every part of a Verifier reports to.
 type telemetry struct {

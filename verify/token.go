@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"unicode/utf8"
 )
 
 // maxJSONDepth bounds nesting in token headers and payloads; real tokens nest
@@ -213,9 +214,18 @@ func checkJSON(b []byte) error {
 	}
 }
 
+// truncate shortens s, an untrusted token field, for a message: at most n
+// bytes cut at a rune boundary, invalid UTF-8 replaced, so a message never
+// breaks the protobuf string it ends up in.
 func truncate(s string, n int) string {
+	if !utf8.ValidString(s) {
+		s = strings.ToValidUTF8(s, "\uFFFD")
+	}
 	if len(s) <= n {
 		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
 	return s[:n] + "…"
 }

@@ -17,7 +17,6 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
-	"golang.org/x/time/rate"
 
 	"github.com/tokenauthz/tokenauthz/cache"
 )
@@ -227,7 +226,7 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
 	switch {
 	case c.JWKSURI != "" || c.Discovery:
 		is.src = &remoteKeys{
-			issuer: c.Issuer, jwksURI: c.JWKSURI, discovery: c.Discovery, cfg: keys,
+			issuer: c.Issuer, jwksURI: c.JWKSURI, discovery: c.Discovery, otherHosts: c.DiscoveryAllowedHosts, cfg: keys,
 			client: newHTTPClient(o.HTTPClient, keys.Timeout),
 			log:    o.Logger.With("issuer_name", c.Name), now: o.Now,
 			shared: o.Shared, sharedName: sharedKeySetName(c), tel: tel, issuerName: c.Name,
@@ -254,11 +253,15 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
 		is.introspection = &introspector{cfg: in, secret: string(secret),
 			endpoint: newEndpoint("introspection", is, in.Endpoint, func(d *discoveryDoc) string { return d.IntrospectionEndpoint },
 				o.HTTPClient, in.Timeout, in.MaxResponseBytes, in.CacheTTL, in.NegativeCacheTTL)}
-		switch n := in.MaxCallsPerSecond; {
-		case n == 0:
-			is.introspection.limit = rate.NewLimiter(500, 500)
-		case n > 0:
-			is.introspection.limit = rate.NewLimiter(rate.Limit(n), n)
+		if n := in.MaxCallsPerSecond; n >= 0 {
+			if n == 0 {
+				n = defaultMaxCallsPerSecond
+			}
+			per := in.MaxCallsPerClientPerSecond
+			if per == 0 {
+				per = max(1, n/10)
+			}
+			is.introspection.budget = newCallBudget(n, per)
 		}
 	}
 	if ui := c.Userinfo; ui != nil {
@@ -384,6 +387,9 @@ type Result struct {
 	Expiry time.Time
 	// Kind is KindJWT or KindOpaque.
 	Kind string
+	// Userinfo holds the userinfo endpoint's claims, nil when not fetched.
+	// They are read through Lookup as "userinfo.<claim>", never from Claims.
+	Userinfo Claims
 	// KeySource and AnswerSource say where this request's keys and
 	// introspection answer came from (memory, redis, origin); "" if unused.
 	KeySource, AnswerSource cache.Source
@@ -415,9 +421,12 @@ type Policy struct {
 	Issuers []string
 	// Introspect says when to ask the introspection endpoint.
 	Introspect Introspect
-	// Userinfo adds the userinfo endpoint's claims under the claim
-	// "userinfo" (e.g. userinfo.email).
+	// Userinfo fetches the userinfo endpoint's claims, read as
+	// "userinfo.<claim>" (e.g. userinfo.email).
 	Userinfo bool
+	// Client is the requester's address (per request, not per route): the
+	// provider call budget is shared fairly between clients.
+	Client string
 }
 
 // Verify checks a bearer token for a route. A compact JWS is verified
@@ -441,7 +450,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 				return nil, unavailable("issuer "+res.Issuer.name+" has no introspection endpoint", nil)
 			}
 			tk = hashToken(raw)
-			a, src, err := v.introspect(ctx, res.Issuer, raw, tk)
+			a, src, err := v.introspect(ctx, res.Issuer, raw, tk, p.Client)
 			if err != nil {
 				return nil, err
 			}
@@ -455,7 +464,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 			return nil, invalid("malformed", "token is not a JWT")
 		}
 		tk = hashToken(raw)
-		if res, err = v.introspectOpaque(ctx, raw, tk, p.Issuers); err != nil {
+		if res, err = v.introspectOpaque(ctx, raw, tk, p.Issuers, p.Client); err != nil {
 			return nil, err
 		}
 	}
@@ -463,7 +472,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 		if tk == "" {
 			tk = hashToken(raw)
 		}
-		if err := v.enrich(ctx, res, raw, tk); err != nil {
+		if err := v.enrich(ctx, res, raw, tk, p.Client); err != nil {
 			return nil, err
 		}
 	}
@@ -540,7 +549,7 @@ func (is *Issuer) keyGeneration() uint64 {
 // endpoint, in configuration order, until one says active. An opaque token
 // names no issuer, so with several such issuers it is shown to each in turn:
 // restrict a route's issuers to keep a token with its own provider.
-func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey, allowed []string) (*Result, error) {
+func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey, allowed []string, client string) (*Result, error) {
 	var failed *Error
 	asked := false
 	for _, name := range allowed {
@@ -549,7 +558,7 @@ func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey
 			continue
 		}
 		asked = true
-		a, src, err := v.introspect(ctx, is, raw, tk)
+		a, src, err := v.introspect(ctx, is, raw, tk, client)
 		if err != nil {
 			// Another issuer may still say active; if none does, this
 			// failure means no decision was possible.
@@ -579,10 +588,10 @@ func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey
 	return nil, invalid("inactive", "token is not active")
 }
 
-// enrich adds the userinfo endpoint's claims under "userinfo". The result's
-// claims are copied first: introspection answers are shared by the cache.
-func (v *Verifier) enrich(ctx context.Context, res *Result, raw string, tk tokenKey) error {
-	a, err := v.userinfo(ctx, res.Issuer, raw, tk, res.Expiry)
+// enrich adds the userinfo endpoint's claims to the result, apart from the
+// token's: "userinfo.email" reads only what the endpoint said.
+func (v *Verifier) enrich(ctx context.Context, res *Result, raw string, tk tokenKey, client string) error {
+	a, err := v.userinfo(ctx, res.Issuer, raw, tk, res.Expiry, client)
 	if err != nil {
 		return err
 	}
@@ -594,12 +603,7 @@ func (v *Verifier) enrich(ctx context.Context, res *Result, raw string, tk token
 	if sub, ok := res.Claims["sub"]; ok && a.claims["sub"] != sub {
 		return invalid("userinfo_mismatch", "userinfo does not belong to the token's subject")
 	}
-	c := make(Claims, len(res.Claims)+1)
-	for k, val := range res.Claims {
-		c[k] = val
-	}
-	c["userinfo"] = map[string]any(a.claims)
-	res.Claims = c
+	res.Userinfo = a.claims
 	return nil
 }
 

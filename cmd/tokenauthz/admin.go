@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -31,14 +32,15 @@ const maxRevocationTTL = 30 * 24 * time.Hour
 var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
 // adminHandler serves the admin API, authenticated with a bearer token
-// compared in constant time.
-func adminHandler(adminToken []byte, dl *cache.Denylist, issuers map[string]string, defaultTTL time.Duration) http.Handler {
-	want := sha256.Sum256(adminToken)
+// compared in constant time. The token and the issuers jti and sub
+// revocations name are the ones in force: both change with a reload.
+func adminHandler(lv *live, dl *cache.Denylist, defaultTTL time.Duration) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /admin/revoke", func(w http.ResponseWriter, r *http.Request) {
 		got, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		sum := sha256.Sum256([]byte(got))
-		if subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+		want := lv.adminToken.Load()
+		if want == nil || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="tokenauthz-admin"`)
 			adminError(w, http.StatusUnauthorized, "a valid admin token is required")
 			return
@@ -50,7 +52,7 @@ func adminHandler(adminToken []byte, dl *cache.Denylist, issuers map[string]stri
 			adminError(w, http.StatusBadRequest, "body: "+err.Error())
 			return
 		}
-		rev, err := req.revocation(issuers)
+		rev, err := req.revocation(*lv.issuers.Load())
 		if err != nil {
 			adminError(w, http.StatusBadRequest, err.Error())
 			return
@@ -103,6 +105,28 @@ func (req *revokeRequest) revocation(issuers map[string]string) (*cachev1.Revoca
 		r.Kind, r.Id = cachev1.Revocation_KIND_SUBJECT, cache.Hash(iss, req.Sub)
 	}
 	return r, nil
+}
+
+// live is what a reload changes besides the policy and the verifier: the
+// admin token (its SHA-256; nil with none) and the issuers' names and
+// issuer URLs, which revocations by jti and sub are keyed by.
+type live struct {
+	adminToken atomic.Pointer[[32]byte]
+	issuers    atomic.Pointer[map[string]string]
+}
+
+func (lv *live) set(cfg *fileConfig, adminToken []byte) {
+	if adminToken != nil {
+		sum := sha256.Sum256(adminToken)
+		lv.adminToken.Store(&sum)
+	} else {
+		lv.adminToken.Store(nil)
+	}
+	issuers := map[string]string{}
+	for _, is := range cfg.Issuers {
+		issuers[is.Name] = is.Issuer
+	}
+	lv.issuers.Store(&issuers)
 }
 
 func adminError(w http.ResponseWriter, status int, msg string) {

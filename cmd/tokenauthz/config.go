@@ -185,3 +185,28 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	}
 	return &cfg, nil
 }
+
+// referencedFiles are the files a config names whose contents a reload puts
+// in force: issuers' key sets and secrets, the admin token, the Redis HMAC
+// key. (TLS files have their own watch; the Redis password is read per
+// connection.)
+func (c *fileConfig) referencedFiles() []string {
+	var files []string
+	add := func(f string) {
+		if f != "" {
+			files = append(files, f)
+		}
+	}
+	for _, is := range c.Issuers {
+		add(is.JWKSFile)
+		add(is.HMACSecretFile)
+		if is.Introspection != nil {
+			add(is.Introspection.ClientSecretFile)
+		}
+	}
+	add(c.Server.AdminTokenFile)
+	if rc := c.Cache.Redis; rc != nil {
+		add(rc.HMACKeyFile)
+	}
+	return files
+}

@@ -58,7 +58,7 @@ headers: { x-user-id: sub }
 			[]string{`token has ["read"]: missing ["admin"]`, "DENY 403", `error="insufficient_scope"`}},
 		{"claim mismatch", []string{"--token", claims(map[string]any{"scope": "admin", "email_verified": "true"}), "--method", "POST", "--path", "/admin"}, 1,
 			[]string{`claim email_verified: is "true" (string), accepted: true (bool)`}},
-		{"unnormalized path", []string{"--token", admin, "--path", "/public/../admin"}, 1, []string{"dot segments", "DENY 400"}},
+		{"unnormalized path", []string{"--token", admin, "--path", "/public/../admin"}, 1, []string{"the path has a dot segment", "no single meaning", "DENY 400"}},
 		{"named route", []string{"--token", admin, "--path", "/x", "--route", "api"}, 0, []string{`route "api", named by Envoy's context_extensions`}},
 		{"opaque token, no introspection", []string{"--token", "opaque-token", "--path", "/api"}, 1, []string{"opaque (not a compact JWS)", "token refused (malformed)"}},
 	}

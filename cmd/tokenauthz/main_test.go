@@ -50,7 +50,7 @@ headers: { X-User: sub, authorization: sub }
 		"issuers[0].jwks_uri: \"http://issuer.example/jwks\" is plain http",
 		"issuers[0].algorithms: required",
 		"issuers[0].leeway: must be between",
-		"routes[0].match.path_prefix: must start with /",
+		"routes[0].match.path_prefix: the path must start with /",
 		`routes[0].issuers[0]: no issuer named "nope"`,
 		"routes[0].claims.stt: accepted values are strings, numbers or booleans",
 		"headers.X-User: not a lower-case HTTP header name",

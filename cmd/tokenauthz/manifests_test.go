@@ -214,6 +214,21 @@ func TestIstioResources(t *testing.T) {
 			pol.GetAction(), pol.GetProvider().GetName(), p.GetName())
 	}
 
+	// What the CUSTOM policy leaves out skips authorization: exact paths
+	// only, since "/healthz*" would also skip /healthz/..;/admin.
+	for _, r := range pol.GetRules() {
+		for _, to := range r.GetTo() {
+			for _, np := range to.GetOperation().GetNotPaths() {
+				if strings.Contains(np, "*") {
+					t.Errorf("notPaths %q skips authorization by a pattern: use exact paths", np)
+				}
+			}
+			if len(to.GetOperation().GetNotMethods())+len(to.GetOperation().GetNotHosts())+len(to.GetOperation().GetNotPorts()) > 0 {
+				t.Errorf("the CUSTOM policy skips authorization by method, host or port: %v", to.GetOperation())
+			}
+		}
+	}
+
 	// The README shows these files as they are.
 	readme, err := os.ReadFile("../../README.md")
 	if err != nil {

@@ -2,13 +2,17 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc/codes"
@@ -129,5 +133,111 @@ func TestReloadUnderLoad(t *testing.T) {
 	waitFor(t, func() bool { return check("/orders", tokB) == codes.OK })
 	if v := value(scrape(t, "http://"+httpLis.Addr().String()), "tokenauthz_config_reloads_total", map[string]string{"result": "ok"}); v < 2 {
 		t.Errorf("reloads ok = %v", v)
+	}
+}
+
+// TestReferencedFilesReload: a change to a file the config names (here a
+// key set in another directory, an HMAC secret and the admin token) is put
+// in force without SIGHUP, validated like the config: a broken file is
+// rejected and the one in force stays.
+func TestReferencedFilesReload(t *testing.T) {
+	ka, kb := idptest.NewKey(t, "a", "ES256"), idptest.NewKey(t, "b", "ES256")
+	jwks := func(k *idptest.Key) string {
+		b, err := json.Marshal(map[string]any{"keys": []any{k.JWK(t)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	dir, secrets := t.TempDir(), t.TempDir()
+	jwksFile, hmacFile, adminFile := filepath.Join(secrets, "jwks.json"), filepath.Join(secrets, "hmac"), filepath.Join(secrets, "admin")
+	writeAtomically(t, jwksFile, jwks(ka))
+	writeAtomically(t, hmacFile, strings.Repeat("1", 32))
+	writeAtomically(t, adminFile, "first-admin-token-0123456789abcdef")
+	path := filepath.Join(dir, "config.yaml")
+	writeAtomically(t, path, fmt.Sprintf(`server: { admin_token_file: %q }
+issuers:
+  - { name: main, issuer: "https://idp.example", audiences: [api], jwks_file: %q, hmac_secret_file: %q, algorithms: [ES256, HS256] }
+routes:
+  - { name: all, match: { path_prefix: / } }
+`, adminFile, jwksFile, hmacFile))
+	cfg, err := loadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	base := "http://" + httpLis.Addr().String()
+	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, make(chan os.Signal))).conn)
+	check := func(tok string) codes.Code {
+		resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+			Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
+				Method: "GET", Path: "/orders", Host: "api", Headers: map[string]string{"authorization": "Bearer " + tok}}}}})
+		if err != nil {
+			return codes.Internal
+		}
+		return codes.Code(resp.GetStatus().GetCode())
+	}
+	claims := func() map[string]any {
+		return map[string]any{"iss": "https://idp.example", "aud": "api", "sub": "u", "exp": time.Now().Add(time.Hour).Unix()}
+	}
+	tokA, tokB := idptest.Mint(t, ka, claims()), idptest.Mint(t, kb, claims())
+	hs := func(secret string) string {
+		return idptest.Sign(t, "HS256", []byte(secret), map[string]any{"alg": "HS256", "typ": "JWT"}, claims())
+	}
+	revoke := func(admin string) int {
+		req, _ := http.NewRequest(http.MethodPost, base+"/admin/revoke", strings.NewReader(`{"token_sha256":"`+strings.Repeat("a", 64)+`"}`))
+		req.Header.Set("Authorization", "Bearer "+admin)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if check(tokA) != codes.OK || check(tokB) != codes.Unauthenticated || check(hs(strings.Repeat("1", 32))) != codes.OK {
+		t.Fatal("the initial files are not in force")
+	}
+
+	writeAtomically(t, jwksFile, jwks(kb))
+	waitFor(t, func() bool { return check(tokB) == codes.OK })
+	if check(tokA) != codes.Unauthenticated {
+		t.Error("the key set file's old key is still accepted")
+	}
+	writeAtomically(t, hmacFile, strings.Repeat("2", 32))
+	waitFor(t, func() bool { return check(hs(strings.Repeat("2", 32))) == codes.OK })
+	writeAtomically(t, adminFile, "second-admin-token-0123456789abcdef")
+	waitFor(t, func() bool { return revoke("second-admin-token-0123456789abcdef") == http.StatusOK })
+	if got := revoke("first-admin-token-0123456789abcdef"); got != http.StatusUnauthorized {
+		t.Errorf("the old admin token answers %d", got)
+	}
+
+	// A broken key set, and a secret too short, are rejected: nothing changes.
+	for _, bad := range []struct{ file, content string }{{jwksFile, `{"keys": [`}, {hmacFile, "short"}} {
+		before := value(scrape(t, base), "tokenauthz_config_reloads_total", map[string]string{"result": "rejected"})
+		writeAtomically(t, bad.file, bad.content)
+		waitFor(t, func() bool {
+			return value(scrape(t, base), "tokenauthz_config_reloads_total", map[string]string{"result": "rejected"}) > before
+		})
+		if check(tokB) != codes.OK || check(hs(strings.Repeat("2", 32))) != codes.OK {
+			t.Fatalf("a rejected %s changed decisions", filepath.Base(bad.file))
+		}
+	}
+}
+
+// TestReadSettled: a file read while a writer is still at it (each read
+// differs from the one before) is read until two reads agree, so a
+// half-written config that happens to parse is not what gets validated.
+func TestReadSettled(t *testing.T) {
+	reads := []string{"routes:\n  - a\n", "routes:\n  - a\n  - b\n", "routes:\n  - a\n  - b\n  - c\n", "routes:\n  - a\n  - b\n  - c\n"}
+	n, pauses := 0, 0
+	got, err := readSettledWith(func() ([]byte, error) { n++; return []byte(reads[min(n, len(reads))-1]), nil }, func() { pauses++ })
+	if err != nil || string(got) != reads[3] || n != 4 {
+		t.Fatalf("got %q after %d reads (%v), want the complete file after 4", got, n, err)
+	}
+	// A file that never holds still is given up on after a bound; what is
+	// read then is validated like any other.
+	n = 0
+	if _, err := readSettledWith(func() ([]byte, error) { n++; return []byte(fmt.Sprint(n)), nil }, func() {}); err != nil || n > 41 {
+		t.Fatalf("%d reads of a changing file (%v)", n, err)
 	}
 }

@@ -104,10 +104,16 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	v.Start(bg)
+	lv := &live{}
+	adminToken, err := cache.ReadSecret(cfg.Server.AdminTokenFile, cfg.Server.AdminTokenEnv)
+	if err != nil {
+		return fmt.Errorf("admin token: %w", err)
+	}
+	lv.set(cfg, adminToken)
 	// current is the verifier in force: a reload replaces it.
 	current := func() *verify.Verifier { return v }
 	if ro.configPath != "" {
-		rl := newReloader(ro.configPath, cfg, v, srv, bg, met, log)
+		rl := newReloader(ro.configPath, cfg, v, srv, bg, met, log, lv, shared)
 		current = rl.cur.Load
 		go rl.watch(bg, ro.hup, ro.reloadPoll)
 	}
@@ -190,16 +196,8 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			}
 			_, _ = w.Write([]byte("ok\n"))
 		})
-		adminToken, err := cache.ReadSecret(cfg.Server.AdminTokenFile, cfg.Server.AdminTokenEnv)
-		if err != nil {
-			return fmt.Errorf("admin token: %w", err)
-		}
-		if adminToken != nil {
-			issuers := map[string]string{}
-			for _, is := range cfg.Issuers {
-				issuers[is.Name] = is.Issuer
-			}
-			mux.Handle("/admin/", adminHandler(adminToken, denylist, issuers, cfg.Server.RevocationTTL))
+		if lv.adminToken.Load() != nil {
+			mux.Handle("/admin/", adminHandler(lv, denylist, cfg.Server.RevocationTTL))
 		}
 		hsrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() {

@@ -78,6 +78,7 @@ type metrics struct {
 	providerReqs *prometheus.CounterVec
 	providerTime *prometheus.HistogramVec
 	answers      *prometheus.CounterVec
+	throttled    *prometheus.CounterVec
 	reloads      *prometheus.CounterVec
 }
 
@@ -105,12 +106,15 @@ func newMetrics() *metrics {
 			Help: "Key sets (kind keys) and introspection and userinfo answers by the tier that served them (memory and redis are hits, origin a miss)."},
 			[]string{"kind", "tier"}),
 	}
+	m.throttled = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenauthz_provider_throttled_total",
+		Help: "Introspection calls not made because the caller's client share or the pod's max_calls_per_second was spent (answered 503; not logged one by one)."},
+		[]string{"issuer", "endpoint"})
 	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenauthz_config_reloads_total",
 		Help: "Config reloads by result (ok, rejected: the previous config stayed in force)."}, []string{"result"})
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tokenauthz_build_info", Help: "Version and Go version."},
 		[]string{"version", "goversion"})
 	build.WithLabelValues(version(), runtime.Version()).Set(1)
-	m.reg.MustRegister(m.reloads, m.decisions, m.latency, m.keyFetches, m.providerReqs, m.providerTime, m.answers, build,
+	m.reg.MustRegister(m.reloads, m.decisions, m.latency, m.keyFetches, m.providerReqs, m.providerTime, m.answers, m.throttled, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -129,6 +133,10 @@ func (m *metrics) KeySetFetched(issuer string, err error) {
 func (m *metrics) ProviderCalled(issuer, endpoint string, took time.Duration, err error) {
 	m.providerReqs.WithLabelValues(issuer, endpoint, result(err)).Inc()
 	m.providerTime.WithLabelValues(issuer, endpoint).Observe(took.Seconds())
+}
+
+func (m *metrics) Throttled(issuer, endpoint string) {
+	m.throttled.WithLabelValues(issuer, endpoint).Inc()
 }
 
 func (m *metrics) Served(kind string, src cache.Source) {

@@ -92,6 +92,7 @@ type IdP struct {
 	opaque      map[string]map[string]any
 	revoked     map[string]bool
 	userinfo    map[string]map[string]any // sub → claims
+	docOverride map[string]string         // discovery fields said instead
 	forced      *reply
 	delay       time.Duration
 	jwksDelay   time.Duration
@@ -200,12 +201,29 @@ func (p *IdP) serveDiscovery(w http.ResponseWriter, _ *http.Request) {
 		iss = p.URL()
 	}
 	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(map[string]string{
+	doc := map[string]string{
 		"issuer":                 iss,
 		"jwks_uri":               p.JWKSURL(),
 		"introspection_endpoint": p.URL() + "/introspect",
 		"userinfo_endpoint":      p.URL() + "/userinfo",
-	})
+	}
+	p.mu.Lock()
+	for k, v := range p.docOverride {
+		doc[k] = v
+	}
+	p.mu.Unlock()
+	_ = json.NewEncoder(w).Encode(doc)
+}
+
+// SetDiscoveryField makes the discovery document say value for name
+// (jwks_uri, introspection_endpoint, …), e.g. an endpoint on another host.
+func (p *IdP) SetDiscoveryField(name, value string) {
+	p.mu.Lock()
+	if p.docOverride == nil {
+		p.docOverride = map[string]string{}
+	}
+	p.docOverride[name] = value
+	p.mu.Unlock()
 }
 
 // Client is an OAuth2 client registered for introspection, with the one

@@ -1,0 +1,323 @@
+package authz
+
+import (
+	"net/netip"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"golang.org/x/text/unicode/norm"
+)
+
+// request is the one canonical view of an HTTP request that route matching,
+// policy and every later step see. A request that has no unambiguous
+// canonical form is refused before any of them runs: an upstream (Tomcat,
+// nginx, IIS, …) could read it as a different resource than the one the
+// policy was checked against.
+type request struct {
+	method string // HTTP token, upper case
+	host   string // lower case, no port, no trailing dot; "" when none was sent
+	path   string // percent-decoded, no query; starts with "/"
+	query  string // the raw query string, without "?"
+	scheme string
+	client string // the client's address, for fair shares of provider calls
+}
+
+// pseudo reads a pseudo-header (or any header) from either form Envoy sends.
+// With encode_raw_headers the header_map's raw bytes are the request's own
+// and win over the string fields, which Envoy sanitizes ("!" for non-UTF-8).
+func pseudo(h *authv3.AttributeContext_HttpRequest, key, field string) string {
+	for _, hv := range h.GetHeaderMap().GetHeaders() {
+		if hv.GetKey() == key {
+			if raw := hv.GetRawValue(); len(raw) > 0 {
+				return string(raw)
+			}
+			return hv.GetValue()
+		}
+	}
+	if field != "" {
+		return field
+	}
+	return h.GetHeaders()[key]
+}
+
+// canonicalRequest builds the canonical request or the 400 that refuses it.
+func canonicalRequest(h *authv3.AttributeContext_HttpRequest) (request, *decision) {
+	var r request
+	var why string
+	if r.method, why = canonicalMethod(pseudo(h, ":method", h.GetMethod())); why != "" {
+		return r, denyRequest("bad_method", why)
+	}
+	if r.host, why = canonicalHost(pseudo(h, ":authority", h.GetHost())); why != "" {
+		return r, denyRequest("bad_host", why)
+	}
+	if r.path, r.query, why = canonicalPath(pseudo(h, ":path", h.GetPath())); why != "" {
+		return r, denyRequest("bad_path", why)
+	}
+	r.scheme = strings.ToLower(pseudo(h, ":scheme", h.GetScheme()))
+	return r, nil
+}
+
+// canonicalMethod accepts an RFC 9110 token in upper case. Methods are case
+// sensitive, but some servers upper-case them, so "post" could be POST
+// upstream while a route restricted to POST would not match it.
+func canonicalMethod(m string) (string, string) {
+	if m == "" {
+		return "", "the request has no method"
+	}
+	for i := 0; i < len(m); i++ {
+		c := m[i]
+		switch {
+		case 'a' <= c && c <= 'z':
+			return "", "the method must be upper case"
+		case !isTchar(c):
+			return "", "the method is not an HTTP token"
+		}
+	}
+	return m, ""
+}
+
+func isTchar(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
+		strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
+}
+
+// canonicalHost lower-cases the authority, drops the port and one trailing
+// dot ("admin.example.com." names admin.example.com), and refuses anything
+// that is not a plain DNS name or IP literal: user info, whitespace,
+// percent-encoding, empty labels, non-ASCII (IDNs arrive as punycode).
+func canonicalHost(a string) (string, string) {
+	if a == "" {
+		return "", ""
+	}
+	host, port := a, ""
+	if strings.HasPrefix(a, "[") {
+		end := strings.IndexByte(a, ']')
+		if end < 0 {
+			return "", "the host is not a valid IP literal"
+		}
+		host, port = a[:end+1], a[end+1:]
+		addr, err := netip.ParseAddr(host[1 : len(host)-1])
+		if err != nil || !addr.Is6() || addr.Zone() != "" {
+			return "", "the host is not a valid IP literal"
+		}
+		host = "[" + addr.String() + "]"
+	} else if i := strings.LastIndexByte(a, ':'); i >= 0 {
+		host, port = a[:i], a[i:]
+	}
+	if port != "" {
+		digits := strings.TrimPrefix(port, ":")
+		if digits == port || digits == "" || len(digits) > 5 || strings.Trim(digits, "0123456789") != "" {
+			return "", "the host's port is not a number"
+		}
+	}
+	if strings.HasPrefix(host, "[") {
+		return host, ""
+	}
+	host = strings.TrimSuffix(host, ".")
+	if host == "" {
+		return "", "the host is empty"
+	}
+	if host[len(host)-1] == '.' {
+		return "", "the host has an empty label"
+	}
+	lower := true
+	for i := 0; i < len(host); i++ {
+		c := host[i]
+		switch {
+		case 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_':
+		case 'A' <= c && c <= 'Z':
+			lower = false
+		case c == '.':
+			if i == 0 || host[i-1] == '.' {
+				return "", "the host has an empty label"
+			}
+		default:
+			return "", "the host has characters a DNS name cannot have"
+		}
+	}
+	if !lower {
+		host = strings.ToLower(host)
+	}
+	return host, ""
+}
+
+// canonicalPath splits the request target into the decoded path and the raw
+// query, or says why the path has no single meaning. The rules, each a
+// place where common upstreams disagree:
+//   - ";" in any segment, raw or encoded: path parameters (Tomcat, Jetty and
+//     Spring drop ";…" from a segment, so "/public/..;/admin" is /admin).
+//   - "." and ".." segments in any spelling (".%2e", "%2e%2e"), after decoding.
+//   - encoded "/", "\" and "%" (double encoding: "%252e" decodes twice to
+//     "." in some stacks), and a raw "\" (IIS and Windows read it as "/").
+//   - empty segments ("//"): nginx and Envoy merge them, others do not. One
+//     trailing "/" is ordinary and allowed.
+//   - a segment ending in "." or " ": Windows and IIS strip them.
+//   - control characters, spaces and characters outside RFC 3986's pchar,
+//     raw or encoded; raw non-ASCII bytes; percent-encoded bytes that are not
+//     UTF-8; non-ASCII characters whose compatibility form (NFKC, the
+//     "best fit" mapping) holds a separator, dot or control character.
+//
+// The path it returns is percent-decoded: "/%61dmin" is /admin, as every
+// upstream reads it. It allocates only when the path holds a "%".
+func canonicalPath(target string) (path, query, why string) {
+	path = target
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path, query = path[:i], path[i+1:]
+	}
+	if path == "" || path[0] != '/' {
+		return "", "", "the path must start with /"
+	}
+	var dec []byte // the decoded path, once a "%" is seen
+	nonASCII := false
+	for i := 0; i < len(path); i++ {
+		c := path[i]
+		if c == '%' {
+			if i+2 >= len(path) || !isHex(path[i+1]) || !isHex(path[i+2]) {
+				return "", "", "the path has a malformed percent-encoding"
+			}
+			b := unhex(path[i+1])<<4 | unhex(path[i+2])
+			switch {
+			case b == '/' || b == '\\':
+				return "", "", "the path has an encoded / or \\"
+			case b == '%':
+				return "", "", "the path is encoded twice (%25)"
+			case b == ';':
+				return "", "", "the path has path parameters (;)"
+			case b < 0x20 || b == 0x7f:
+				return "", "", "the path has control characters"
+			case b >= 0x80:
+				nonASCII = true
+			}
+			if dec == nil {
+				dec = make([]byte, 0, len(path))
+				dec = append(dec, path[:i]...)
+			}
+			dec = append(dec, b)
+			i += 2
+			continue
+		}
+		switch {
+		case c == ';':
+			return "", "", "the path has path parameters (;)"
+		case c == '\\':
+			return "", "", "the path has a \\"
+		case c <= 0x20 || c == 0x7f:
+			return "", "", "the path has control characters or spaces"
+		case c >= 0x80:
+			return "", "", "the path has raw non-ASCII bytes (percent-encode UTF-8)"
+		case c != '/' && !isPchar(c):
+			return "", "", "the path has characters RFC 3986 does not allow"
+		}
+		if dec != nil {
+			dec = append(dec, c)
+		}
+	}
+	if dec != nil {
+		path = string(dec)
+	}
+	if nonASCII {
+		if !utf8.ValidString(path) {
+			return "", "", "the path's percent-encoded bytes are not UTF-8"
+		}
+		if confusable(path) {
+			return "", "", "the path has characters that normalize to separators, dots or controls"
+		}
+	}
+	rest := path[1:]
+	for rest != "" {
+		seg, after, more := strings.Cut(rest, "/")
+		switch {
+		case seg == "" && more:
+			return "", "", "the path has an empty segment (//)"
+		case seg == "." || seg == "..":
+			return "", "", "the path has a dot segment"
+		case seg != "" && (seg[len(seg)-1] == '.' || seg[len(seg)-1] == ' '):
+			return "", "", "a path segment ends in a dot or a space"
+		}
+		rest = after
+	}
+	return path, query, ""
+}
+
+// isPchar: RFC 3986 unreserved, sub-delims (";" is refused above) and ":" "@".
+func isPchar(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
+		strings.IndexByte("-._~!$&'()*+,=:@", c) >= 0
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c <= 'F':
+		return c - 'A' + 10
+	}
+	return c - 'a' + 10
+}
+
+// confusable reports non-ASCII characters that stacks mapping Unicode to
+// ASCII (IIS "best fit", NFKC normalizers) would turn into path syntax:
+// FULLWIDTH SOLIDUS into "/", ONE DOT LEADER into ".", and so on.
+func confusable(path string) bool {
+	for _, r := range path {
+		if r < utf8.RuneSelf {
+			continue
+		}
+		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) && r != '\u200d' {
+			return true
+		}
+		n := norm.NFKC.String(string(r))
+		if strings.ContainsAny(n, "/\\.;%?#") || strings.IndexFunc(n, func(c rune) bool { return c < 0x20 || c == 0x7f }) >= 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// foldCase maps each rune to one representative of its Unicode case-folding
+// orbit, so two strings fold equal when a case-insensitive upstream (IIS,
+// ASP.NET, Spring with case-insensitive matching) would treat them as the
+// same path: "/ADMIN", "/admin" and "/\u212Admin" (KELVIN SIGN) all fold
+// alike.
+func foldCase(s string) string {
+	return strings.Map(func(r rune) rune {
+		rep := r
+		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+			rep = min(rep, f)
+		}
+		return rep
+	}, s)
+}
+
+// needsFold reports whether s could fold differently than it compares: any
+// upper-case ASCII letter or non-ASCII rune.
+func needsFold(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; 'A' <= c && c <= 'Z' || c >= utf8.RuneSelf {
+			return true
+		}
+	}
+	return false
+}
+
+// clientAddress is the requester's address: the configured header's (last
+// entry, for X-Forwarded-For style lists) or Envoy's source address.
+func clientAddress(req *authv3.CheckRequest, header string) string {
+	if header != "" {
+		h := req.GetAttributes().GetRequest().GetHttp()
+		v := pseudo(h, header, "")
+		if i := strings.LastIndexByte(v, ','); i >= 0 {
+			v = v[i+1:]
+		}
+		if v = strings.TrimSpace(v); v != "" {
+			return v
+		}
+	}
+	return req.GetAttributes().GetSource().GetAddress().GetSocketAddress().GetAddress()
+}
