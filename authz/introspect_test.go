@@ -548,3 +548,35 @@ func TestIntrospectionFloodSharedFairly(t *testing.T) {
 		})
 	}
 }
+
+// TestUserinfoClaimsCannotBeForged: "userinfo.<claim>" reads only what the
+// userinfo endpoint said. A token carrying a "userinfo" object, or a
+// top-level "userinfo.email" claim, is never consulted for it: not for claim
+// headers, not for claim rules, on routes that fetch userinfo or not.
+func TestUserinfoClaimsCannotBeForged(t *testing.T) {
+	f := newIntroFixture(t, "client_secret_basic")
+	f.cfg.Routes = append([]authz.RouteConfig{{Name: "forge", Match: authz.Match{PathPrefix: "/forge"},
+		Claims: map[string]any{"userinfo.email_verified": true}}}, f.cfg.Routes...)
+	c, _ := f.start(t)
+	f.idp.SetUserinfo("user-1", map[string]any{"email": "real@example.com", "email_verified": false})
+	m := f.idp.Claims(aud)
+	m["userinfo"] = map[string]any{"email": "forged@example.com", "email_verified": true}
+	m["userinfo.email"] = "forged-too@example.com"
+	m["userinfo.email_verified"] = true
+	tok := idptest.Mint(t, f.key, m)
+
+	// A route without userinfo: the header is not sent, the rule not met.
+	set, removed := allowed(t, check(t, c, req{path: "/orders/1", headers: bearer(tok)}))
+	if _, sent := set["x-user-email"]; sent || !contains(removed, "x-user-email") {
+		t.Errorf("x-user-email from the token: set %v", set)
+	}
+	denied(t, check(t, c, req{path: "/forge", headers: bearer(tok)}), codes.PermissionDenied, typev3.StatusCode_Forbidden, "userinfo.email_verified")
+	// A route with userinfo: the endpoint's answer, not the token's.
+	denied(t, check(t, c, req{path: "/profile", headers: bearer(tok)}), codes.PermissionDenied, typev3.StatusCode_Forbidden, "userinfo.email_verified")
+	f.idp.SetUserinfo("user-1", map[string]any{"email": "real@example.com", "email_verified": true})
+	m["jti"] = "second" // a new token, so no cached userinfo answer
+	set, _ = allowed(t, check(t, c, req{path: "/profile", headers: bearer(idptest.Mint(t, f.key, m))}))
+	if set["x-user-email"] != "real@example.com" {
+		t.Errorf("x-user-email = %q, want the userinfo endpoint's", set["x-user-email"])
+	}
+}
