@@ -54,7 +54,7 @@ func mainFixture(t *testing.T) (*idptest.IdP, map[string]*idptest.Key, *authz.Co
 			{Name: "write", Match: authz.Match{PathPrefix: "/orders", Methods: []string{"POST"}}, Scopes: []string{"orders:write"}},
 			{Name: "default", Match: authz.Match{PathPrefix: "/"}, Issuers: []string{"main"}},
 		},
-		Headers:              map[string]string{"x-user-id": "sub", "x-user-email": "email", "x-user-scopes": "scope", "x-auth-groups": "groups", "x-tenant": "org.tenant"},
+		Headers:              authz.ClaimHeaders(map[string]string{"x-user-id": "sub", "x-user-email": "email", "x-user-scopes": "scope", "x-auth-groups": "groups", "x-tenant": "org.tenant"}),
 		ReservedHeaderPrefix: "x-auth-",
 	}
 	return idp, keys, cfg

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 
+	"cel.dev/cel-go/cel"
+
 	"github.com/tokenauthz/tokenauthz/verify"
 )
 
@@ -18,10 +20,12 @@ type Config struct {
 	// context_extensions["route"] names a route directly and beats matching.
 	// A request that matches no route is denied.
 	Routes []RouteConfig `yaml:"routes"`
-	// Headers maps an upstream header to a claim (dotted path for nested
-	// claims). Set with overwrite on allow; removed when the token lacks the
-	// claim, and on anonymous routes, so a client can never supply them.
-	Headers map[string]string `yaml:"headers"`
+	// Headers maps an upstream header to where its value comes from: a
+	// claim (dotted path for nested claims), a list of claim paths (the
+	// first present wins) or { cel: EXPR }. Set with overwrite on allow;
+	// removed when there is no value, and on anonymous routes, so a client
+	// can never supply them. A route's own headers merge over these.
+	Headers map[string]*HeaderSource `yaml:"headers"`
 	// ReservedHeaderPrefix: request headers starting with it (e.g. "x-auth-")
 	// are stripped on every allowed request, anonymous ones included.
 	ReservedHeaderPrefix string `yaml:"reserved_header_prefix"`
@@ -65,8 +69,15 @@ type RouteConfig struct {
 	// Scopes all required (from scope or scp); missing ones give 403.
 	Scopes []string `yaml:"scopes"`
 	// Claims: each claim (dotted path) must equal the value, or one of the
-	// values in a list. Compared exactly: "true" is not true.
+	// values in a list; an array claim matches when any element does.
+	// Compared exactly: "true" is not true.
 	Claims map[string]any `yaml:"claims"`
+	// When are CEL conditions, all of which must be true (else 403). They
+	// see request, claims, userinfo, issuer, route and scopes.
+	When []WhenRule `yaml:"when"`
+	// Headers merge over the top-level headers for this route; a null
+	// value turns one off here (its client copy is still removed).
+	Headers map[string]*HeaderSource `yaml:"headers"`
 	// Introspect: "opaque" (default) sends opaque tokens to the issuers'
 	// introspection endpoints and verifies JWTs locally only; "always" also
 	// confirms every JWT with introspection, so revoked JWTs are refused
@@ -187,6 +198,20 @@ func (c *Config) Validate() []string {
 		if r.Anonymous && (len(r.Issuers) > 0 || len(r.Scopes) > 0 || len(r.Claims) > 0 || r.Introspect != "" || r.Userinfo) {
 			bad(key, "an anonymous route takes no issuers, scopes, claims, introspect or userinfo")
 		}
+		for j, w := range r.When {
+			if _, err := compileWhen(w); err != nil {
+				bad(fmt.Sprintf("%s.when[%d]", key, j), "%v", err)
+			}
+		}
+		for h, src := range r.Headers {
+			if _, top := c.Headers[h]; src == nil && !top {
+				bad(key+".headers."+h, "null turns off a top-level header, and there is none of that name")
+				continue
+			}
+			for _, prob := range validateHeader(h, src) {
+				bad(key+".headers."+h, "%s", prob)
+			}
+		}
 		if _, ok := introspectModes[r.Introspect]; !ok {
 			bad(key+".introspect", "%q is not opaque, always or never", r.Introspect)
 		}
@@ -219,15 +244,13 @@ func (c *Config) Validate() []string {
 		}
 	}
 
-	for h, claim := range c.Headers {
-		key := "headers." + h
-		switch {
-		case !headerName.MatchString(h):
-			bad(key, "not a lower-case HTTP header name")
-		case h == "authorization" || h == "host" || strings.HasPrefix(h, "x-envoy-") || http.CanonicalHeaderKey(h) == "Te":
-			bad(key, "this header cannot carry a claim")
-		case claim == "":
-			bad(key, "names no claim")
+	for h, src := range c.Headers {
+		if src == nil {
+			bad("headers."+h, "names no claim")
+			continue
+		}
+		for _, prob := range validateHeader(h, src) {
+			bad("headers."+h, "%s", prob)
 		}
 	}
 	if c.ReservedHeaderPrefix != "" && !headerName.MatchString(c.ReservedHeaderPrefix) {
@@ -250,4 +273,43 @@ func (c *Config) Validate() []string {
 		bad("realm", "must not contain quotes, backslashes or line breaks")
 	}
 	return p
+}
+
+// validateHeader checks a claim header's name and source; src may be nil
+// (a route turning the header off).
+func validateHeader(h string, src *HeaderSource) []string {
+	var p []string
+	switch {
+	case !headerName.MatchString(h):
+		p = append(p, "not a lower-case HTTP header name")
+	case h == "authorization" || h == "host" || strings.HasPrefix(h, "x-envoy-") || http.CanonicalHeaderKey(h) == "Te":
+		p = append(p, "this header cannot carry a claim")
+	}
+	if src == nil {
+		return p
+	}
+	switch {
+	case src.CEL != "" && len(src.Claims) > 0:
+		p = append(p, "a claim path or an expression, not both")
+	case src.CEL != "":
+		if _, err := compileCEL(src.CEL, nil); err != nil {
+			p = append(p, err.Error())
+		}
+	case len(src.Claims) == 0:
+		p = append(p, "names no claim")
+	}
+	for _, c := range src.Claims {
+		if c == "" {
+			p = append(p, "names no claim")
+		}
+	}
+	return p
+}
+
+// compileWhen compiles a condition: it must be a bool.
+func compileWhen(w WhenRule) (*celExpr, error) {
+	if strings.TrimSpace(w.CEL) == "" {
+		return nil, fmt.Errorf("empty expression")
+	}
+	return compileCEL(w.CEL, cel.BoolType)
 }

@@ -28,6 +28,10 @@ type decision struct {
 	scope      string // for insufficient_scope
 	reason     string // stable, for logs and metrics
 	quiet      bool   // counted, but no log line (floods)
+	detail     string // for the log line only: which condition, which error
+	// For allows: the route's claim headers, set and removed.
+	set    []*corev3.HeaderValueOption
+	remove []string
 	// Filled as the check goes:
 	route  *route
 	result *verify.Result
@@ -51,6 +55,13 @@ func denyRequest(reason, desc string) *decision {
 func denyForbidden(reason, desc, scope string) *decision {
 	return &decision{code: codes.PermissionDenied, httpStatus: typev3.StatusCode_Forbidden,
 		oauthError: "insufficient_scope", reason: reason, desc: desc, scope: scope}
+}
+
+// denyPolicy: the route's conditions are not met (403 without an OAuth
+// error: not a scope the client could ask for).
+func denyPolicy(reason, desc string) *decision {
+	return &decision{code: codes.PermissionDenied, httpStatus: typev3.StatusCode_Forbidden,
+		reason: reason, desc: desc}
 }
 
 func denyNoRoute(reason, desc string) *decision {
@@ -156,23 +167,10 @@ func quoteSafe(s string) string {
 }
 
 func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, headerMap []*corev3.HeaderValue) *authv3.CheckResponse {
-	ok := &authv3.OkHttpResponse{}
-	// Claim headers are set, or removed when the token lacks the claim, so
-	// a client's copy never reaches the upstream.
-	var remove []string
-	for _, ch := range p.headers {
-		if d.result != nil {
-			if v, found := d.result.Lookup(ch.claim); found {
-				// A value that cannot be a header, or only ambiguously, is
-				// dropped: better no header than a wrong one.
-				if s, fine := verify.FormatClaim(v); fine && validHeaderValue(s) {
-					ok.Headers = append(ok.Headers, setHeader(ch.header, s))
-					continue
-				}
-			}
-		}
-		remove = append(remove, ch.header)
-	}
+	// Claim headers (the headers step) are set, or removed when there is
+	// no value, so a client's copy never reaches the upstream.
+	ok := &authv3.OkHttpResponse{Headers: d.set}
+	remove := d.remove
 	if p.reserved != "" {
 		// One pass over the request's headers, deduplicated after: a
 		// request with many reserved headers costs linear time, not a
@@ -181,7 +179,7 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 		strip := func(k string) {
 			if len(k) >= len(p.reserved) && strings.EqualFold(k[:len(p.reserved)], p.reserved) {
 				k = strings.ToLower(k)
-				if !p.isClaimHeader(k) {
+				if d.route == nil || !d.route.isClaimHeader(k) {
 					remove = append(remove, k)
 				}
 			}

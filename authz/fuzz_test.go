@@ -42,7 +42,7 @@ func FuzzCheck(f *testing.F) {
 				Claims: map[string]any{"email_verified": true}},
 			{Name: "default", Match: authz.Match{PathPrefix: "/"}},
 		},
-		Headers:              map[string]string{"x-user-id": "sub", "x-user-email": "email"},
+		Headers:              authz.ClaimHeaders(map[string]string{"x-user-id": "sub", "x-user-email": "email"}),
 		ReservedHeaderPrefix: "x-auth-",
 	}
 	v, err := verify.New(cfg.Issuers, verify.Options{})

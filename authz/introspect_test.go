@@ -64,8 +64,8 @@ func newIntroFixture(t testing.TB, method string) *introFixture {
 			{Name: "write", Match: authz.Match{PathPrefix: "/orders", Methods: []string{"POST"}}, Scopes: []string{"orders:write"}},
 			{Name: "default", Match: authz.Match{PathPrefix: "/"}},
 		},
-		Headers: map[string]string{"x-user-id": "sub", "x-client-id": "client_id", "x-user-scopes": "scope",
-			"x-user-email": "userinfo.email"},
+		Headers: authz.ClaimHeaders(map[string]string{"x-user-id": "sub", "x-client-id": "client_id", "x-user-scopes": "scope",
+			"x-user-email": "userinfo.email"}),
 	}
 	return &introFixture{idp: idp, key: key, cfg: cfg, clk: newClock()}
 }

@@ -22,7 +22,7 @@ func remoteFixture(t *testing.T, keys verify.KeysConfig, ks ...*idptest.Key) (*i
 		Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud},
 			JWKSURI: idp.JWKSURL(), Algorithms: []string{"RS256", "ES256"}, Keys: keys}},
 		Routes:  []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}}},
-		Headers: map[string]string{"x-user-id": "sub"},
+		Headers: authz.ClaimHeaders(map[string]string{"x-user-id": "sub"}),
 	}
 }
 

@@ -17,7 +17,6 @@ import (
 type policy struct {
 	routes        []*route
 	byName        map[string]*route
-	headers       []claimHeader // sorted by header name
 	reserved      string
 	realm         string
 	stripAuthz    bool
@@ -35,9 +34,10 @@ func (p *policy) issuerValue(name string) *structpb.Value {
 	return structpb.NewStringValue(name)
 }
 
-func (p *policy) isClaimHeader(h string) bool {
-	for _, ch := range p.headers {
-		if ch.header == h {
+// isClaimHeader reports whether the route sets or removes header h itself.
+func (r *route) isClaimHeader(h string) bool {
+	for i := range r.headers {
+		if r.headers[i].header == h {
 			return true
 		}
 	}
@@ -59,20 +59,35 @@ type route struct {
 	vpol         verify.Policy   // what the token must pass in verify
 	scopes       []string
 	claims       []claimRule
+	when         []whenRule
+	headers      []claimHeader // sorted by name: the top-level ones with the route's merged over them
 }
 
-type claimHeader struct{ header, claim string }
+// claimHeader is one upstream header of a route: from the first of claims
+// present, or from expr; off: the route turned it off (still removed).
+type claimHeader struct {
+	header string
+	claims []string
+	expr   *celExpr
+	off    bool
+}
+
+// whenRule is a compiled condition.
+type whenRule struct {
+	expr    *celExpr
+	message string // the deny's description: the message, or the expression
+}
 
 type claimRule struct {
 	claim string
 	want  []any // string, bool or *big.Float
 }
 
-func compile(c *Config) (*policy, error) {
+func compile(c *Config) (p *policy, err error) {
 	if p := c.Validate(); len(p) > 0 {
 		return nil, fmt.Errorf("authz: invalid config: %s", strings.Join(p, "; "))
 	}
-	p := &policy{
+	p = &policy{
 		byName:        map[string]*route{},
 		reserved:      c.ReservedHeaderPrefix,
 		realm:         c.Realm,
@@ -130,13 +145,23 @@ func compile(c *Config) (*policy, error) {
 			want, _ := compileClaimValues(rc.Claims[n])
 			r.claims = append(r.claims, claimRule{claim: n, want: want})
 		}
+		for _, w := range rc.When {
+			e, err := compileWhen(w)
+			if err != nil {
+				return nil, err // Validate reported it
+			}
+			msg := w.Message
+			if msg == "" {
+				msg = w.CEL
+			}
+			r.when = append(r.when, whenRule{expr: e, message: msg})
+		}
+		if r.headers, err = compileHeaders(c.Headers, rc.Headers); err != nil {
+			return nil, err
+		}
 		p.routes = append(p.routes, r)
 		p.byName[r.name] = r
 	}
-	for h, claim := range c.Headers {
-		p.headers = append(p.headers, claimHeader{header: h, claim: claim})
-	}
-	sort.Slice(p.headers, func(i, j int) bool { return p.headers[i].header < p.headers[j].header })
 	return p, nil
 }
 
@@ -173,7 +198,16 @@ func compileClaimValues(v any) ([]any, error) {
 
 // satisfied reports whether the claim value v equals one of the accepted
 // values, by JSON type: a string only equals a string, a number a number.
+// An array claim (groups, roles) is satisfied when any element is.
 func (r *claimRule) satisfied(v any) bool {
+	if list, ok := v.([]any); ok {
+		for _, e := range list {
+			if _, nested := e.([]any); !nested && r.satisfied(e) {
+				return true
+			}
+		}
+		return false
+	}
 	for _, w := range r.want {
 		switch w := w.(type) {
 		case string:
@@ -280,4 +314,33 @@ func (r *route) missingScopes(c verify.Claims) []string {
 		}
 	}
 	return missing
+}
+
+// compileHeaders merges a route's headers over the top-level ones.
+func compileHeaders(top, own map[string]*HeaderSource) ([]claimHeader, error) {
+	merged := make(map[string]*HeaderSource, len(top)+len(own))
+	for h, src := range top {
+		merged[h] = src
+	}
+	for h, src := range own {
+		merged[h] = src
+	}
+	out := make([]claimHeader, 0, len(merged))
+	for h, src := range merged {
+		ch := claimHeader{header: h, off: src == nil}
+		switch {
+		case src == nil:
+		case src.CEL != "":
+			e, err := compileCEL(src.CEL, nil)
+			if err != nil {
+				return nil, err
+			}
+			ch.expr = e
+		default:
+			ch.claims = src.Claims
+		}
+		out = append(out, ch)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].header < out[j].header })
+	return out, nil
 }

@@ -16,7 +16,10 @@ func TestCheckJSON(t *testing.T) {
 		`{"a":1}{"b":2}`:                         "trailing data",
 		`{"a":1`:                                 "",
 		strings.Repeat(`{"a":`, 20) + `1` + strings.Repeat(`}`, 20): "nested deeper",
-		`{"a":1} x`: "invalid JSON",
+		`{"a":1} x`:                 "trailing data",
+		"{\"a\":\"\xff\"}":          "invalid JSON",  // not UTF-8
+		`{"a\u0000":1,"a\u0000":2}`: "duplicate key", // names compared after unescaping
+		`{"\u0061":1,"a":2}`:        "duplicate key",
 	} {
 		err := checkJSON([]byte(in))
 		switch {

@@ -22,6 +22,11 @@ issuers:
 routes:
   - { name: public, match: { path_prefix: /public }, anonymous: true }
   - { name: admin, match: { path_prefix: /admin, methods: [POST] }, scopes: [admin], claims: { email_verified: true } }
+  - name: tenants
+    match: { path_prefix: /tenants }
+    when:
+      - "request.method in ['GET', 'HEAD']"
+      - { cel: "request.path.startsWith('/tenants/' + claims.tid + '/')", message: "another tenant" }
   - { name: api, match: { path_prefix: /api } }
 headers: { x-user-id: sub }
 `, idp.URL(), idp.JWKSURL())), 0o600)
@@ -59,6 +64,12 @@ headers: { x-user-id: sub }
 		{"claim mismatch", []string{"--token", claims(map[string]any{"scope": "admin", "email_verified": "true"}), "--method", "POST", "--path", "/admin"}, 1,
 			[]string{`claim email_verified: is "true" (string), accepted: true (bool)`}},
 		{"unnormalized path", []string{"--token", admin, "--path", "/public/../admin"}, 1, []string{"the path has a dot segment", "no single meaning", "DENY 400"}},
+		{"when true", []string{"--token", claims(map[string]any{"tid": "acme"}), "--path", "/tenants/acme/x"}, 0,
+			[]string{"when request.method in ['GET', 'HEAD']: true", "when request.path.startsWith('/tenants/' + claims.tid + '/'): true", "decision: ALLOW"}},
+		{"when false", []string{"--token", claims(map[string]any{"tid": "acme"}), "--path", "/tenants/other/x"}, 1,
+			[]string{"when request.method in ['GET', 'HEAD']: true", "'/'): false", `claims = {`, `"tid":"acme"`, `request.path = "/tenants/other/x"`, "DENY 403", "another tenant"}},
+		{"when error", []string{"--token", claims(nil), "--path", "/tenants/acme/x"}, 1,
+			[]string{"'/'): error: no such key: tid (denied)", "DENY 403"}},
 		{"named route", []string{"--token", admin, "--path", "/x", "--route", "api"}, 0, []string{`route "api", named by Envoy's context_extensions`}},
 		{"opaque token, no introspection", []string{"--token", "opaque-token", "--path", "/api"}, 1, []string{"opaque (not a compact JWS)", "token refused (malformed)"}},
 	}

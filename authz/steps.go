@@ -1,0 +1,400 @@
+package authz
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+
+	"github.com/tokenauthz/tokenauthz/cache"
+	"github.com/tokenauthz/tokenauthz/verify"
+)
+
+// check is one request's decision in progress: the canonical request and
+// what each step found. Steps read and fill it; the explain observer reads
+// it after each step, so the steps carry no explain-only code.
+type check struct {
+	s    *Server
+	pol  *policy
+	v    TokenVerifier
+	req  *authv3.CheckRequest
+	h    *authv3.AttributeContext_HttpRequest
+	rq   request
+	r    *route
+	how  string // how the route was chosen: "named" or "matched"
+	tok  string
+	res  *verify.Result
+	verr *verify.Error
+
+	revokedBy string
+	missing   []string   // scopes the token lacks
+	claimAt   *claimRule // the claim rule that failed
+	claimVal  any
+	claimHas  bool
+	when      []whenOutcome
+	whenBuf   [4]whenOutcome // when's backing array for the usual few conditions
+	vars      celVars
+	set       []*corev3.HeaderValueOption
+	remove    []string
+}
+
+// whenOutcome is one evaluated `when` expression.
+type whenOutcome struct {
+	rule *whenRule
+	ok   bool
+	err  error
+}
+
+// A step returns nil to go on, or the decision.
+type step struct {
+	name string
+	run  func(context.Context, *check) *decision
+}
+
+// steps are the decision, in order. Every request runs them until one
+// decides; a request that passes them all is allowed.
+var steps = []step{
+	{"request", stepRequest},
+	{"route", stepRoute},
+	{"credentials", stepCredentials},
+	{"token", stepToken},
+	{"revocation", stepRevocation},
+	{"scopes", stepScopes},
+	{"claims", stepClaims},
+	{"when", stepWhen},
+	{"headers", stepHeaders},
+}
+
+// stepObserver sees every step's outcome (Explain); nil for Check.
+type stepObserver interface {
+	step(name string, c *check, d *decision)
+}
+
+// checks recycles check structs: one per request would be the largest
+// allocation of a warm check.
+var checks = sync.Pool{New: func() any { return new(check) }}
+
+func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest, obs stepObserver) (*decision, string) {
+	c := checks.Get().(*check)
+	*c = check{s: s, pol: st.pol, v: st.v, req: req, h: req.GetAttributes().GetRequest().GetHttp()}
+	defer func() { *c = check{}; checks.Put(c) }()
+	for i := range steps {
+		d := steps[i].run(ctx, c)
+		if obs != nil {
+			obs.step(steps[i].name, c, d)
+		}
+		if d != nil {
+			d.route, d.result = c.r, c.res
+			if d.allow {
+				d.set, d.remove = c.set, c.remove
+			}
+			return d, c.tok
+		}
+	}
+	return &decision{allow: true, reason: "ok", route: c.r, result: c.res, set: c.set, remove: c.remove}, c.tok
+}
+
+func stepRequest(_ context.Context, c *check) *decision {
+	var d *decision
+	c.rq, d = canonicalRequest(c.h)
+	return d
+}
+
+func stepRoute(_ context.Context, c *check) *decision {
+	if name, named := c.req.GetAttributes().GetContextExtensions()["route"]; named {
+		c.how = "named"
+		if c.r = c.pol.byName[name]; c.r == nil {
+			c.s.log.Error("context_extensions names an unknown route; check the Envoy route config", "route", name)
+			return denyNoRoute("unknown_route", "no policy for this route")
+		}
+		return nil
+	}
+	c.how = "matched"
+	r, ambiguous := c.pol.match(&c.rq)
+	switch {
+	case ambiguous:
+		return denyRequest("ambiguous_case", "the path's letter case selects a different policy than its lower-case form")
+	case r == nil:
+		return denyNoRoute("no_route", "no route matches the request")
+	}
+	c.r = r
+	return nil
+}
+
+// stepCredentials finds the bearer token. Anonymous routes look at none,
+// and allow_missing routes allow a request without one; both without
+// identity (and so without the Authorization header: see headers).
+func stepCredentials(_ context.Context, c *check) *decision {
+	if c.r.anonymous {
+		return c.allowWithoutIdentity("anonymous")
+	}
+	tok, d := credentials(c.h, c.rq.query, c.pol.maxTokenBytes)
+	if d != nil && d.reason == "missing_token" && c.r.allowMissing {
+		return c.allowWithoutIdentity("no_token")
+	}
+	c.tok = tok
+	return d
+}
+
+// allowWithoutIdentity allows after the when conditions (which can still
+// deny: a condition on the method or path needs no token) and with the
+// headers of a request without identity.
+func (c *check) allowWithoutIdentity(reason string) *decision {
+	if d := stepWhen(context.Background(), c); d != nil {
+		return d
+	}
+	if d := stepHeaders(context.Background(), c); d != nil {
+		return d
+	}
+	return &decision{allow: true, reason: reason}
+}
+
+func stepToken(ctx context.Context, c *check) *decision {
+	vp := c.r.vpol
+	vp.Client = clientAddress(c.req, c.pol.clientHeader)
+	res, err := c.v.Verify(ctx, c.tok, vp)
+	if err == nil {
+		c.res = res
+		return nil
+	}
+	ve := verify.AsError(err)
+	c.verr = ve
+	switch {
+	case ve.Kind == verify.Invalid:
+		return denyInvalid(ve.Reason, ve.Desc)
+	case ve.Reason == verify.ReasonThrottled:
+		// Expected under a flood: counted (decision and provider
+		// metrics), not logged one by one.
+		d := errUnavailable("authorization is temporarily unavailable")
+		d.reason, d.quiet = verify.ReasonThrottled, true
+		return d
+	}
+	// The cause names the issuer and endpoint, never the token.
+	c.s.log.Warn("no decision possible", "route", c.r.name, "issuer", ve.Issuer, "error", err.Error())
+	return errUnavailable("authorization is temporarily unavailable")
+}
+
+func stepRevocation(_ context.Context, c *check) *decision {
+	if c.s.denylist == nil {
+		return nil
+	}
+	res := c.res
+	iat, _ := res.Claims.Time("iat")
+	kind, revoked := c.s.denylist.Revoked(cache.Token{
+		TokenHash: func() string { return cache.Hash(c.tok) },
+		Issuer:    res.Issuer.ID(), JTI: res.Claims.String("jti"), Sub: res.Claims.String("sub"), IAT: iat,
+	})
+	if !revoked {
+		return nil
+	}
+	c.revokedBy = kind
+	return denyInvalid("revoked_"+kind, "token has been revoked")
+}
+
+func stepScopes(_ context.Context, c *check) *decision {
+	if c.missing = c.r.missingScopes(c.res.Claims); len(c.missing) > 0 {
+		return denyForbidden("insufficient_scope", "the token lacks a required scope", strings.Join(c.r.scopes, " "))
+	}
+	return nil
+}
+
+func stepClaims(_ context.Context, c *check) *decision {
+	for i := range c.r.claims {
+		rule := &c.r.claims[i]
+		v, found := c.res.Lookup(rule.claim)
+		if !found || !rule.satisfied(v) {
+			c.claimAt, c.claimVal, c.claimHas = rule, v, found
+			return denyForbidden("claim_mismatch", "claim "+rule.claim+" does not have an accepted value", "")
+		}
+	}
+	return nil
+}
+
+// stepWhen evaluates the route's CEL conditions in order: the first false
+// one, or one that fails to evaluate, denies with 403. An evaluation error
+// is never taken as true.
+func stepWhen(_ context.Context, c *check) *decision {
+	if len(c.r.when) == 0 {
+		return nil
+	}
+	c.bindVars()
+	c.when = c.whenBuf[:0]
+	for i := range c.r.when {
+		w := &c.r.when[i]
+		ok, err := w.expr.evalBool(&c.vars)
+		c.when = append(c.when, whenOutcome{rule: w, ok: ok, err: err})
+		switch {
+		case err != nil:
+			d := denyPolicy("when_error", "the request does not meet the route's conditions")
+			d.detail = "when " + w.expr.src + ": " + err.Error()
+			return d
+		case !ok:
+			d := denyPolicy("when_false", w.message)
+			d.detail = w.message
+			return d
+		}
+	}
+	return nil
+}
+
+// stepHeaders computes the route's claim headers: each set from the first
+// claim path present or from its expression, or removed, so a client's copy
+// never reaches the upstream. Headers a route turns off (null) are removed
+// too. An expression that fails to evaluate denies, like a condition.
+func stepHeaders(_ context.Context, c *check) *decision {
+	c.set = make([]*corev3.HeaderValueOption, 0, len(c.r.headers))
+	for i := range c.r.headers {
+		ch := &c.r.headers[i]
+		if c.res != nil && !ch.off {
+			if ch.expr != nil {
+				c.bindVars()
+				s, err := ch.expr.evalHeader(&c.vars)
+				if err != nil {
+					d := denyPolicy("header_error", "the request does not meet the route's conditions")
+					d.detail = "header " + ch.header + ": " + err.Error()
+					return d
+				}
+				if s != "" && validHeaderValue(s) {
+					c.set = append(c.set, setHeader(ch.header, s))
+					continue
+				}
+			} else if s, ok := c.claimHeader(ch); ok {
+				c.set = append(c.set, setHeader(ch.header, s))
+				continue
+			}
+		}
+		c.remove = append(c.remove, ch.header)
+	}
+	return nil
+}
+
+// claimHeader renders the first of ch's claim paths the token has; one
+// that cannot be a header (or only ambiguously) counts as absent.
+func (c *check) claimHeader(ch *claimHeader) (string, bool) {
+	for _, path := range ch.claims {
+		if v, found := c.res.Lookup(path); found {
+			if s, fine := verify.FormatClaim(v); fine && validHeaderValue(s) {
+				return s, true
+			}
+		}
+	}
+	return "", false
+}
+
+func (c *check) bindVars() {
+	if c.vars.rq == nil {
+		c.rq.client = clientAddress(c.req, c.pol.clientHeader)
+		c.vars = celVars{rq: &c.rq, h: c.h, ctxExt: c.req.GetAttributes().GetContextExtensions(), res: c.res, route: c.r.name}
+	}
+}
+
+// trail collects the steps of a decision for Explain, rendered from what
+// each step left in the check.
+type trail struct{ steps []string }
+
+func (t *trail) add(format string, args ...any) {
+	t.steps = append(t.steps, fmt.Sprintf(format, args...))
+}
+
+func (t *trail) step(name string, c *check, d *decision) {
+	switch name {
+	case "request":
+		if d != nil {
+			t.add("request refused before route matching: %s (it has no single meaning across upstreams)", d.desc)
+		}
+	case "route":
+		switch {
+		case d != nil && c.how == "named":
+			t.add("context_extensions names route %q, which the config does not have", c.req.GetAttributes().GetContextExtensions()["route"])
+		case d != nil && d.reason == "ambiguous_case":
+			t.add("%s %s on host %q: exact and case-insensitive matching choose different routes", c.rq.method, c.rq.path, c.rq.host)
+		case d != nil:
+			t.add("no route matches %s %s on host %q", c.rq.method, c.rq.path, c.rq.host)
+		case c.how == "named":
+			t.add("route %q, named by Envoy's context_extensions", c.r.name)
+		default:
+			t.add("route %q: the first whose match fits %s %s on host %q", c.r.name, c.rq.method, c.rq.path, c.rq.host)
+		}
+	case "credentials":
+		switch {
+		case d != nil && d.allow && d.reason == "anonymous":
+			t.when(c)
+			t.add("route %q is anonymous: no token looked at (claim and Authorization headers are stripped)", c.r.name)
+		case d != nil && d.allow:
+			t.when(c)
+			t.add("no bearer token, and route %q allows a missing one: allowed with no identity (claim and Authorization headers stripped)", c.r.name)
+		case d != nil && (d.reason == "when_false" || d.reason == "when_error" || d.reason == "header_error"):
+			t.when(c)
+		case d != nil:
+			t.add("credentials: %s", d.desc)
+		default:
+			t.add("bearer token: %d bytes, %s, sha256 prefix %s", len(c.tok), verify.Describe(c.tok), TokenHash(c.tok))
+			t.add("issuers accepted on route %q: %s", c.r.name, strings.Join(c.r.vpol.Issuers, ", "))
+		}
+	case "token":
+		switch {
+		case d == nil:
+			t.add("token verified: issuer %q, %s, keys from %s%s", c.res.Issuer.Name(), c.res.Kind, orDash(c.res.KeySource), answerNote(c.res))
+		case c.verr.Kind == verify.Invalid:
+			t.add("token refused (%s): %s", c.verr.Reason, c.verr.Desc)
+		default:
+			t.add("no decision possible: %v", c.verr)
+		}
+	case "revocation":
+		if d != nil {
+			t.add("revoked by %s", c.revokedBy)
+		}
+	case "scopes":
+		switch {
+		case d != nil:
+			t.add("scopes: route needs %q, token has %q: missing %q", c.r.scopes, c.res.Claims.Scopes(), c.missing)
+		case len(c.r.scopes) > 0:
+			t.add("scopes: route needs %q: all present", c.r.scopes)
+		}
+	case "claims":
+		for i := range c.r.claims {
+			rule := &c.r.claims[i]
+			if rule != c.claimAt {
+				t.add("claim %s: accepted value", rule.claim)
+				continue
+			}
+			got := "absent"
+			if c.claimHas {
+				got, _ = verify.FormatClaim(c.claimVal)
+				got = fmt.Sprintf("%q (%T)", got, c.claimVal)
+			}
+			t.add("claim %s: is %s, accepted: %s", rule.claim, got, rule.describe())
+			break
+		}
+	case "when":
+		t.when(c)
+	}
+}
+
+// when renders each evaluated condition; for a false or failed one, the
+// values of the variables it read.
+func (t *trail) when(c *check) {
+	for _, o := range c.when {
+		switch {
+		case o.err != nil:
+			t.add("when %s: error: %v (denied)%s", o.rule.expr.src, o.err, t.varsOf(c, o.rule.expr))
+		case !o.ok:
+			t.add("when %s: false%s", o.rule.expr.src, t.varsOf(c, o.rule.expr))
+		default:
+			t.add("when %s: true", o.rule.expr.src)
+		}
+	}
+	c.when = c.when[:0]
+}
+
+func (t *trail) varsOf(c *check, e *celExpr) string {
+	var b strings.Builder
+	for _, name := range e.vars {
+		v, _ := c.vars.ResolveName(name)
+		fmt.Fprintf(&b, "\n       %s = %s", name, describeVal(v))
+	}
+	return b.String()
+}
