@@ -49,6 +49,25 @@ type Config struct {
 	// overwrite. Default: Envoy's source address. The address shares out
 	// introspection calls fairly (max_calls_per_client_per_second).
 	ClientAddressHeader string `yaml:"client_address_header"`
+	// SchemeHeader names a header a trusted proxy sets to the scheme the
+	// client used (x-forwarded-proto), for DPoP's htu when Envoy sits
+	// behind a TLS-terminating proxy. Default: Envoy's own scheme.
+	SchemeHeader string `yaml:"scheme_header"`
+	// ClientCert says where the client certificate comes from, for
+	// certificate-bound tokens (RFC 8705).
+	ClientCert ClientCertConfig `yaml:"client_cert"`
+}
+
+// ClientCertConfig is where a request's client certificate comes from.
+type ClientCertConfig struct {
+	// From is "peer" (default): Envoy's attributes.source.certificate
+	// (include_peer_certificate: true on the ext_authz filter); or
+	// "header": a header set by a proxy you trust, in Envoy's
+	// x-forwarded-client-cert form (Hash= and Cert=).
+	From string `yaml:"from"`
+	// Header is the header's name with from: header. Default
+	// x-forwarded-client-cert.
+	Header string `yaml:"header"`
 }
 
 // RouteConfig is one route's requirements.
@@ -84,6 +103,13 @@ type RouteConfig struct {
 	// (every accepted issuer needs an introspection block); "never" accepts
 	// JWTs only.
 	Introspect string `yaml:"introspect"`
+	// SenderConstraint: "if_bound" (default) checks the binding of every
+	// token that carries cnf (a DPoP proof for cnf.jkt, the client
+	// certificate for cnf.x5t#S256), so a stolen bound token cannot be
+	// replayed as a bearer token; "required" also refuses unbound tokens;
+	// "none" ignores binding (for migrations only: a stolen bound token
+	// then works as a bearer token).
+	SenderConstraint string `yaml:"sender_constraint"`
 	// Userinfo adds the userinfo endpoint's claims under "userinfo." for
 	// claim headers and claim rules (every accepted issuer needs a userinfo
 	// block).
@@ -107,6 +133,17 @@ const (
 	defaultRealm         = "tokenauthz"
 	defaultMaxTokenBytes = 8192
 )
+
+// senderMode is a route's sender_constraint.
+type senderMode int
+
+const (
+	senderIfBound senderMode = iota
+	senderRequired
+	senderNone
+)
+
+var senderModes = map[string]senderMode{"": senderIfBound, "if_bound": senderIfBound, "required": senderRequired, "none": senderNone}
 
 var introspectModes = map[string]verify.Introspect{
 	"": verify.IntrospectOpaque, "opaque": verify.IntrospectOpaque,
@@ -212,6 +249,9 @@ func (c *Config) Validate() []string {
 				bad(key+".headers."+h, "%s", prob)
 			}
 		}
+		if _, ok := senderModes[r.SenderConstraint]; !ok {
+			bad(key+".sender_constraint", "%q is not none, if_bound or required", r.SenderConstraint)
+		}
 		if _, ok := introspectModes[r.Introspect]; !ok {
 			bad(key+".introspect", "%q is not opaque, always or never", r.Introspect)
 		}
@@ -265,6 +305,21 @@ func (c *Config) Validate() []string {
 	}
 	if h := c.ClientAddressHeader; h != "" && (!headerName.MatchString(h) || h == "authorization") {
 		bad("client_address_header", "not a lower-case HTTP header name")
+	}
+	switch c.ClientCert.From {
+	case "", "peer":
+		if c.ClientCert.Header != "" {
+			bad("client_cert.header", "only with from: header")
+		}
+	case "header":
+		if h := c.ClientCert.Header; h != "" && !headerName.MatchString(h) {
+			bad("client_cert.header", "not a lower-case HTTP header name")
+		}
+	default:
+		bad("client_cert.from", "%q is not peer or header", c.ClientCert.From)
+	}
+	if h := c.SchemeHeader; h != "" && !headerName.MatchString(h) {
+		bad("scheme_header", "not a lower-case HTTP header name")
 	}
 	if c.MaxTokenBytes < 0 {
 		bad("max_token_bytes", "must be positive")

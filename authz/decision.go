@@ -29,6 +29,9 @@ type decision struct {
 	reason     string // stable, for logs and metrics
 	quiet      bool   // counted, but no log line (floods)
 	detail     string // for the log line only: which condition, which error
+	// DPoP challenges (RFC 9449 §7.1): the scheme ("" for Bearer), the
+	// accepted algorithms and a fresh nonce for use_dpop_nonce.
+	challenge, algs, dpopNonce string
 	// For allows: the route's claim headers, set and removed.
 	set    []*corev3.HeaderValueOption
 	remove []string
@@ -112,6 +115,9 @@ func (d *decision) response(p *policy, reqHeaders map[string]string, headerMap [
 	if d.httpStatus == typev3.StatusCode_Unauthorized || d.oauthError != "" {
 		hdrs = append(hdrs, setHeader("www-authenticate", d.wwwAuthenticate(p.realm)))
 	}
+	if d.dpopNonce != "" {
+		hdrs = append(hdrs, setHeader("dpop-nonce", d.dpopNonce))
+	}
 	denied := &authv3.DeniedHttpResponse{
 		Status:  &typev3.HttpStatus{Code: d.httpStatus},
 		Headers: hdrs,
@@ -137,9 +143,18 @@ func (d *decision) reasonForBody() string {
 // no token was sent (§3.1).
 func (d *decision) wwwAuthenticate(realm string) string {
 	var b strings.Builder
-	b.WriteString(`Bearer realm="`)
+	if d.challenge == schemeDPoP {
+		b.WriteString(`DPoP realm="`)
+	} else {
+		b.WriteString(`Bearer realm="`)
+	}
 	b.WriteString(realm)
 	b.WriteByte('"')
+	if d.algs != "" {
+		b.WriteString(`, algs="`)
+		b.WriteString(quoteSafe(d.algs))
+		b.WriteByte('"')
+	}
 	if d.oauthError != "" {
 		b.WriteString(`, error="`)
 		b.WriteString(d.oauthError)

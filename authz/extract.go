@@ -16,7 +16,10 @@ import (
 //
 // query is the raw query string: ";" separates parameters there as "&"
 // does for some servers, so "?a=1;access_token=x" counts as a credential.
-func credentials(h *authv3.AttributeContext_HttpRequest, query string, maxTokenBytes int) (token string, d *decision) {
+//
+// The scheme is Bearer (RFC 6750) or DPoP (RFC 9449), in any case; scheme
+// says which, for the binding checks.
+func credentials(h *authv3.AttributeContext_HttpRequest, query string, maxTokenBytes int) (token string, scheme string, d *decision) {
 	var values []string
 	if v, ok := h.GetHeaders()["authorization"]; ok {
 		values = append(values, v)
@@ -39,28 +42,57 @@ func credentials(h *authv3.AttributeContext_HttpRequest, query string, maxTokenB
 	}
 	switch {
 	case n == 0:
-		return "", denyMissing()
+		return "", "", denyMissing()
 	case n > 1:
-		return "", denyRequest("multiple_credentials", "the request carries more than one credential")
+		return "", "", denyRequest("multiple_credentials", "the request carries more than one credential")
 	case len(values) == 0:
 		// Only a query-string token: RFC 6750 §2.3 discourages it (it lands in
 		// logs and Referer headers), so it is not accepted.
-		return "", denyRequest("query_token", "tokens in the query string are not accepted; use the Authorization header")
+		return "", "", denyRequest("query_token", "tokens in the query string are not accepted; use the Authorization header")
 	}
-	scheme, rest, _ := strings.Cut(values[0], " ")
-	if !strings.EqualFold(scheme, "Bearer") {
+	sch, rest, _ := strings.Cut(values[0], " ")
+	switch {
+	case strings.EqualFold(sch, "Bearer"):
+		scheme = schemeBearer
+	case strings.EqualFold(sch, "DPoP"):
+		scheme = schemeDPoP
+	default:
 		// Another scheme (Basic, …) is no bearer token at all.
-		return "", denyMissing()
+		return "", "", denyMissing()
 	}
 	tok := strings.TrimLeft(rest, " ")
 	if len(tok) > maxTokenBytes {
 		// Refused before any parsing or hashing.
-		return "", denyInvalid("token_too_large", "token is too large")
+		return "", "", denyInvalid("token_too_large", "token is too large")
 	}
 	if tok == "" || !isToken68(tok) {
-		return "", denyInvalid("malformed", "the Authorization header is not a bearer token")
+		return "", "", denyInvalid("malformed", "the Authorization header is not a bearer token")
 	}
-	return tok, nil
+	return tok, scheme, nil
+}
+
+// Authorization schemes a token may come with.
+const (
+	schemeBearer = "Bearer"
+	schemeDPoP   = "DPoP"
+)
+
+// singleHeader reads a header that must appear at most once (Envoy joins
+// repeats with ","; with encode_raw_headers they are separate entries).
+func singleHeader(h *authv3.AttributeContext_HttpRequest, name string) (v string, n int) {
+	if hv, ok := h.GetHeaders()[name]; ok {
+		v, n = hv, 1+strings.Count(hv, ",")
+	}
+	for _, hv := range h.GetHeaderMap().GetHeaders() {
+		if strings.EqualFold(hv.GetKey(), name) {
+			v = hv.GetValue()
+			if raw := hv.GetRawValue(); len(raw) > 0 {
+				v = string(raw)
+			}
+			n += 1 + strings.Count(v, ",")
+		}
+	}
+	return v, n
 }
 
 func queryHasToken(q string) bool {

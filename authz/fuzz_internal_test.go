@@ -21,7 +21,7 @@ func FuzzCredentials(f *testing.F) {
 	f.Fuzz(func(t *testing.T, auth, path string) {
 		h := &authv3.AttributeContext_HttpRequest{Path: path, Headers: map[string]string{"authorization": auth}}
 		_, query, _ := strings.Cut(path, "?")
-		tok, d := credentials(h, query, 64)
+		tok, _, d := credentials(h, query, 64)
 		if d != nil {
 			if tok != "" || d.allow {
 				t.Fatalf("a denial with a token or an allow: %q %+v", tok, d)

@@ -81,6 +81,7 @@ type req struct {
 	ext                map[string]string
 	raw                []*corev3.HeaderValue // encode_raw_headers form
 	source             string                // the client's address, as Envoy's attributes.source
+	cert               string                // the client certificate (URL-encoded PEM), as include_peer_certificate sends it
 }
 
 func (r req) proto() *authv3.CheckRequest {
@@ -107,7 +108,8 @@ func (r req) proto() *authv3.CheckRequest {
 		}},
 		ContextExtensions: r.ext,
 		Source: &authv3.AttributeContext_Peer{Address: &corev3.Address{Address: &corev3.Address_SocketAddress{
-			SocketAddress: &corev3.SocketAddress{Address: r.source, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 40000}}}}},
+			SocketAddress: &corev3.SocketAddress{Address: r.source, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 40000}}}},
+			Certificate: r.cert},
 	}}
 }
 

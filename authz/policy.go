@@ -23,6 +23,8 @@ type policy struct {
 	maxTokenBytes int
 	foldRoutes    bool // some route pattern has upper-case or non-ASCII letters
 	clientHeader  string
+	schemeHeader  string
+	certHeader    string                     // "" for the peer certificate
 	issuerMeta    map[string]*structpb.Value // issuer name → metadata value
 	meta          struct{ route, issuer, sub, scope bool }
 }
@@ -55,6 +57,7 @@ type route struct {
 	anonymous            bool
 	// allowMissing: no token is an allow without identity; a bad one a 401.
 	allowMissing bool
+	sender       senderMode
 	metaName     *structpb.Value // the name as dynamic metadata, shared by responses
 	vpol         verify.Policy   // what the token must pass in verify
 	scopes       []string
@@ -94,6 +97,13 @@ func compile(c *Config) (p *policy, err error) {
 		stripAuthz:    c.StripAuthorization,
 		maxTokenBytes: c.MaxTokenBytes,
 		clientHeader:  c.ClientAddressHeader,
+		schemeHeader:  c.SchemeHeader,
+	}
+	if c.ClientCert.From == "header" {
+		p.certHeader = c.ClientCert.Header
+		if p.certHeader == "" {
+			p.certHeader = "x-forwarded-client-cert"
+		}
 	}
 	for _, m := range c.DynamicMetadata {
 		switch m {
@@ -125,7 +135,7 @@ func compile(c *Config) (p *policy, err error) {
 		r := &route{
 			name: rc.Name, host: strings.ToLower(strings.TrimSuffix(rc.Match.Host, ".")), path: path,
 			prefix: strings.TrimSuffix(prefix, "/"), methods: rc.Match.Methods,
-			anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, scopes: rc.Scopes, metaName: structpb.NewStringValue(rc.Name),
+			anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, sender: senderModes[rc.SenderConstraint], scopes: rc.Scopes, metaName: structpb.NewStringValue(rc.Name),
 			vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
 		}
 		if len(r.vpol.Issuers) == 0 {

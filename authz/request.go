@@ -1,6 +1,10 @@
 package authz
 
 import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
 	"net/netip"
 	"strings"
 	"unicode"
@@ -8,6 +12,8 @@ import (
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"golang.org/x/text/unicode/norm"
+
+	"github.com/tokenauthz/tokenauthz/verify"
 )
 
 // request is the one canonical view of an HTTP request that route matching,
@@ -18,6 +24,7 @@ import (
 type request struct {
 	method string // HTTP token, upper case
 	host   string // lower case, no port, no trailing dot; "" when none was sent
+	port   string // the authority's port, "" when none (for DPoP's htu)
 	path   string // percent-decoded, no query; starts with "/"
 	query  string // the raw query string, without "?"
 	scheme string
@@ -49,8 +56,12 @@ func canonicalRequest(h *authv3.AttributeContext_HttpRequest) (request, *decisio
 	if r.method, why = canonicalMethod(pseudo(h, ":method", h.GetMethod())); why != "" {
 		return r, denyRequest("bad_method", why)
 	}
-	if r.host, why = canonicalHost(pseudo(h, ":authority", h.GetHost())); why != "" {
+	authority := pseudo(h, ":authority", h.GetHost())
+	if r.host, why = canonicalHost(authority); why != "" {
 		return r, denyRequest("bad_host", why)
+	}
+	if i := strings.LastIndexByte(authority, ':'); i >= 0 && !strings.HasSuffix(authority, "]") {
+		r.port = authority[i+1:] // canonicalHost checked it is digits
 	}
 	if r.path, r.query, why = canonicalPath(pseudo(h, ":path", h.GetPath())); why != "" {
 		return r, denyRequest("bad_path", why)
@@ -320,4 +331,53 @@ func clientAddress(req *authv3.CheckRequest, header string) string {
 		}
 	}
 	return req.GetAttributes().GetSource().GetAddress().GetSocketAddress().GetAddress()
+}
+
+// xfccThumbprint reads the certificate of the last element of an Envoy
+// x-forwarded-client-cert header (the one the nearest, trusted, proxy
+// added): its Cert= (URL-encoded PEM) when present, else its Hash= (hex
+// SHA-256 of the DER), as base64url for x5t#S256.
+func xfccThumbprint(v string) (string, error) {
+	if v == "" {
+		return "", errors.New("the request has no client certificate")
+	}
+	elems := splitQuoted(v, ',')
+	var hash, cert string
+	for _, kv := range splitQuoted(elems[len(elems)-1], ';') {
+		k, val, _ := strings.Cut(strings.TrimSpace(kv), "=")
+		val = strings.Trim(val, `"`)
+		switch strings.ToLower(k) {
+		case "hash":
+			hash = val
+		case "cert":
+			cert = val
+		}
+	}
+	if cert != "" {
+		return verify.CertificateThumbprint(cert)
+	}
+	sum, err := hex.DecodeString(hash)
+	if err != nil || len(sum) != sha256.Size {
+		return "", errors.New("the forwarded client certificate has no Cert or Hash")
+	}
+	return base64.RawURLEncoding.EncodeToString(sum), nil
+}
+
+// splitQuoted splits s at sep outside double quotes (XFCC quotes values
+// that contain , ; or =).
+func splitQuoted(s string, sep byte) []string {
+	var out []string
+	quoted, start := false, 0
+	for i := 0; i < len(s); i++ {
+		switch {
+		case s[i] == '\\' && quoted && i+1 < len(s):
+			i++
+		case s[i] == '"':
+			quoted = !quoted
+		case s[i] == sep && !quoted:
+			out = append(out, s[start:i])
+			start = i + 1
+		}
+	}
+	return append(out, s[start:])
 }

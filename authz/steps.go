@@ -2,6 +2,7 @@ package authz
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -17,21 +18,23 @@ import (
 // what each step found. Steps read and fill it; the explain observer reads
 // it after each step, so the steps carry no explain-only code.
 type check struct {
-	s    *Server
-	pol  *policy
-	v    TokenVerifier
-	req  *authv3.CheckRequest
-	h    *authv3.AttributeContext_HttpRequest
-	rq   request
-	r    *route
-	how  string // how the route was chosen: "named" or "matched"
-	tok  string
-	res  *verify.Result
-	verr *verify.Error
+	s      *Server
+	pol    *policy
+	v      TokenVerifier
+	req    *authv3.CheckRequest
+	h      *authv3.AttributeContext_HttpRequest
+	rq     request
+	r      *route
+	how    string // how the route was chosen: "named" or "matched"
+	tok    string
+	scheme string // Bearer or DPoP
+	res    *verify.Result
+	verr   *verify.Error
 
 	revokedBy string
-	missing   []string   // scopes the token lacks
-	claimAt   *claimRule // the claim rule that failed
+	bound     verify.Binding // what the token is bound to
+	missing   []string       // scopes the token lacks
+	claimAt   *claimRule     // the claim rule that failed
 	claimVal  any
 	claimHas  bool
 	when      []whenOutcome
@@ -62,6 +65,7 @@ var steps = []step{
 	{"credentials", stepCredentials},
 	{"token", stepToken},
 	{"revocation", stepRevocation},
+	{"binding", stepBinding},
 	{"scopes", stepScopes},
 	{"claims", stepClaims},
 	{"when", stepWhen},
@@ -131,11 +135,11 @@ func stepCredentials(_ context.Context, c *check) *decision {
 	if c.r.anonymous {
 		return c.allowWithoutIdentity("anonymous")
 	}
-	tok, d := credentials(c.h, c.rq.query, c.pol.maxTokenBytes)
+	tok, scheme, d := credentials(c.h, c.rq.query, c.pol.maxTokenBytes)
 	if d != nil && d.reason == "missing_token" && c.r.allowMissing {
 		return c.allowWithoutIdentity("no_token")
 	}
-	c.tok = tok
+	c.tok, c.scheme = tok, scheme
 	return d
 }
 
@@ -192,6 +196,99 @@ func stepRevocation(_ context.Context, c *check) *decision {
 	}
 	c.revokedBy = kind
 	return denyInvalid("revoked_"+kind, "token has been revoked")
+}
+
+// stepBinding checks a sender-constrained token's proof of possession on
+// every request (the verified-token cache serves the token, never the
+// proof): a DPoP proof for cnf.jkt (RFC 9449), the client certificate for
+// cnf.x5t#S256 (RFC 8705). On if_bound routes only bound tokens are
+// checked, so a stolen bound token is not a bearer token; required routes
+// refuse unbound ones; none skips binding.
+func stepBinding(ctx context.Context, c *check) *decision {
+	if c.r.sender == senderNone {
+		return nil
+	}
+	b := c.res.Binding()
+	c.bound = b
+	dp := c.res.Issuer.DPoP()
+	switch {
+	case b.Malformed:
+		return denyInvalid("malformed", "the token's cnf claim is malformed")
+	case !b.Bound() && c.scheme == schemeDPoP:
+		return c.dpopDeny(dp, verify.ReasonUnbound, "invalid_token", "the token is not DPoP-bound")
+	case !b.Bound() && c.r.sender == senderRequired:
+		return denyInvalid("unbound_token", "this route requires a sender-constrained (DPoP or certificate-bound) token")
+	case !b.Bound():
+		return nil
+	}
+	if b.JKT != "" {
+		if dp == nil {
+			return denyInvalid("dpop_not_configured", "the token is DPoP-bound, and its issuer has no dpop settings here")
+		}
+		if c.scheme != schemeDPoP {
+			return c.dpopDeny(dp, "dpop_as_bearer", "invalid_token", "a DPoP-bound token must be sent with the DPoP scheme and a proof")
+		}
+		proof, n := singleHeader(c.h, "dpop")
+		if n > 1 {
+			return c.dpopDeny(dp, verify.ReasonInvalidProof, verify.ReasonInvalidProof, "more than one DPoP proof")
+		}
+		scheme := c.rq.scheme
+		if c.pol.schemeHeader != "" {
+			if v, _ := singleHeader(c.h, c.pol.schemeHeader); v != "" {
+				scheme = strings.ToLower(strings.TrimSpace(v))
+			}
+		}
+		err := dp.Check(ctx, proof, verify.ProofRequest{Method: c.rq.method,
+			URI: verify.TargetURI(scheme, c.rq.host, c.rq.port, c.rq.path), Token: c.tok, JKT: b.JKT})
+		if err != nil {
+			ve := verify.AsError(err)
+			oauth := ve.Reason
+			if oauth != verify.ReasonInvalidProof && oauth != verify.ReasonUseNonce {
+				oauth = "invalid_token"
+			}
+			d := c.dpopDeny(dp, ve.Reason, oauth, ve.Desc)
+			if ve.Reason == verify.ReasonUseNonce {
+				d.dpopNonce = dp.Nonce(ctx)
+			}
+			return d
+		}
+	}
+	if b.X5TS256 != "" {
+		got, err := c.clientCertThumbprint()
+		switch {
+		case err != nil:
+			return denyInvalid("certificate_missing", "the token is bound to a client certificate: "+err.Error())
+		case got != b.X5TS256:
+			return denyInvalid("certificate_mismatch", "the token is bound to another client certificate")
+		}
+	}
+	return nil
+}
+
+// dpopDeny is a 401 with a DPoP challenge (RFC 9449 §7.1).
+func (c *check) dpopDeny(dp *verify.Proofs, reason, oauthError, desc string) *decision {
+	d := denyInvalid(reason, desc)
+	d.oauthError = oauthError
+	d.challenge = schemeDPoP
+	if dp != nil {
+		d.algs = dp.Algs()
+	}
+	return d
+}
+
+// clientCertThumbprint is the x5t#S256 of the request's client certificate:
+// Envoy's peer certificate, or, only when configured, the last element of
+// a trusted proxy's XFCC header.
+func (c *check) clientCertThumbprint() (string, error) {
+	if c.pol.certHeader == "" {
+		pem := c.req.GetAttributes().GetSource().GetCertificate()
+		if pem == "" {
+			return "", errors.New("the request has no client certificate")
+		}
+		return verify.CertificateThumbprint(pem)
+	}
+	v, _ := singleHeader(c.h, c.pol.certHeader)
+	return xfccThumbprint(v)
 }
 
 func stepScopes(_ context.Context, c *check) *decision {
@@ -346,6 +443,13 @@ func (t *trail) step(name string, c *check, d *decision) {
 	case "revocation":
 		if d != nil {
 			t.add("revoked by %s", c.revokedBy)
+		}
+	case "binding":
+		switch {
+		case d != nil:
+			t.add("sender constraint: %s", d.desc)
+		case c.bound.JKT != "" || c.bound.X5TS256 != "":
+			t.add("sender constraint: the DPoP proof or client certificate matches the token's cnf")
 		}
 	case "scopes":
 		switch {

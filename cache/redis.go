@@ -431,6 +431,44 @@ func (s *Shared) TryLock(ctx context.Context, name string) (unlock func(), acqui
 	}, true
 }
 
+// Claim sets name for ttl unless it is set: first is true for the one
+// caller, fleet-wide, that set it (a DPoP proof's jti, used once). An error
+// means Redis could not be asked.
+func (s *Shared) Claim(ctx context.Context, name string, ttl time.Duration) (first bool, err error) {
+	key := s.Key(name)
+	err = s.do(ctx, func(ctx context.Context) error {
+		var e error
+		first, e = s.rdb.SetNX(ctx, key, 1, ttl).Result()
+		return e
+	})
+	return first, err
+}
+
+// Secret returns the fleet's random secret called name (32 bytes), made by
+// the first pod that asks: every pod gets the same one.
+func (s *Shared) Secret(ctx context.Context, name string) ([]byte, error) {
+	key := s.Key("secret:" + name)
+	fresh := make([]byte, 32)
+	_, _ = rand.Read(fresh)
+	var val string
+	err := s.do(ctx, func(ctx context.Context) error {
+		if _, err := s.rdb.SetNX(ctx, key, hex.EncodeToString(fresh), 0).Result(); err != nil {
+			return err
+		}
+		var err error
+		val, err = s.rdb.Get(ctx, key).Result()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	k, err := hex.DecodeString(val)
+	if err != nil || len(k) < 32 {
+		return nil, errors.New("redis: the shared secret is malformed")
+	}
+	return k, nil
+}
+
 // Await polls done, with a growing pause, while another pod holds the
 // fetch lock, until done reports the holder's result arrived, LockWait
 // passes, or the breaker opens. It reports whether done did.

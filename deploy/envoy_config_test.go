@@ -9,6 +9,7 @@ import (
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -64,6 +65,10 @@ func TestEnvoyYAML(t *testing.T) {
 		}
 		disabled = disabled || per.GetDisabled()
 		named = named || per.GetCheckSettings().GetContextExtensions()["route"] != ""
+	}
+	if !ea.GetIncludePeerCertificate() || len(b.GetStaticResources().GetListeners()) < 2 ||
+		b.GetStaticResources().GetListeners()[1].GetFilterChains()[0].GetTransportSocket() == nil {
+		t.Error("certificate-bound tokens need include_peer_certificate and a TLS listener that asks for client certificates")
 	}
 	if !ea.GetEncodeRawHeaders() {
 		t.Error("encode_raw_headers must be true: the request's own bytes, not a sanitized copy")

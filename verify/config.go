@@ -68,6 +68,10 @@ type IssuerConfig struct {
 	// Userinfo, when set, lets routes enrich this issuer's tokens with the
 	// OIDC userinfo endpoint's claims.
 	Userinfo *UserinfoConfig `yaml:"userinfo"`
+
+	// DPoP, when set, checks DPoP proofs (RFC 9449) for this issuer's
+	// DPoP-bound tokens (cnf.jkt).
+	DPoP *DPoPConfig `yaml:"dpop"`
 }
 
 // IntrospectionConfig is an RFC 7662 token introspection endpoint and the
@@ -279,6 +283,9 @@ func (c *IssuerConfig) Validate() []string {
 	}
 	if in := c.Introspection; in != nil {
 		p = append(p, in.validate(c.Discovery)...)
+	}
+	if c.DPoP != nil {
+		p = append(p, c.DPoP.validate()...)
 	}
 	if ui := c.Userinfo; ui != nil {
 		p = append(p, validateEndpoint("userinfo", ui.Endpoint, ui.AllowHTTP, c.Discovery, ui.Timeout,

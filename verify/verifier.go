@@ -86,6 +86,7 @@ type Issuer struct {
 
 	introspection *introspector   // nil unless configured
 	userinfo      *userinfoClient // nil unless configured
+	dpop          *proofs         // nil unless configured
 	tel           *telemetry
 
 	// id names what the issuer is (its config and the files it reads), so a
@@ -216,6 +217,13 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
 	}
 	for _, a := range c.Audiences {
 		is.auds[a] = struct{}{}
+	}
+	if c.DPoP != nil {
+		now := o.Now
+		if now == nil {
+			now = time.Now
+		}
+		is.dpop = newProofs(c.DPoP, is.leeway, now, o.Shared, c.Issuer)
 	}
 	keys := c.Keys.withDefaults()
 	if secret, err := c.hmacSecret(); err != nil {

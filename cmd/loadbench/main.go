@@ -6,18 +6,21 @@
 //	go run ./cmd/loadbench            # about 2 minutes on 2 cores
 //
 // It builds both servers, installs ghz if it is not on PATH (go install
-// github.com/bojand/ghz/cmd/ghz@v0.120.0), mints RS256 tokens, and runs three
+// github.com/bojand/ghz/cmd/ghz@v0.120.0), mints RS256 tokens, and runs four
 // workloads: one token (warm caches), 10,000 distinct tokens in rotation
-// (warmed once), and every token new. Server CPU time and RSS come from
+// (warmed once), every token new, and one DPoP-bound token with a fresh
+// ES256 proof on every request. Server CPU time and RSS come from
 // /proc; the bare crypto/rsa verify of the same key is measured in this
-// process, in the same run. ghz shares the cores with the server, as a
-// sidecar Envoy would.
+// process, in the same run, and so is a bare P-256 verify for the proofs.
+// ghz shares the cores with the server, as a sidecar Envoy would.
 package main
 
 import (
 	"bufio"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -102,6 +105,15 @@ func run() error {
 		}
 	}
 	bare := bareVerify(key)
+	dpopKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	bound, jwkJSON, err := mintBound(key, dpopKey)
+	if err != nil {
+		return err
+	}
+	bareES := bareVerifyES256(dpopKey)
 
 	workloads := []struct {
 		name, data string
@@ -110,9 +122,17 @@ func run() error {
 		{"one token, warm", files["same"], 2000},
 		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], *distinct},
 		{"every token new", files["new"], 0},
+		{"DPoP, new proofs", "", 0},
 	}
 	var results []result
 	for _, w := range workloads {
+		if w.data == "" {
+			// Proofs are valid for max_age: signed just before they are used.
+			step("signing DPoP proofs")
+			if w.data, err = writeDPoPData(dir, bound, jwkJSON, dpopKey, *requests); err != nil {
+				return err
+			}
+		}
 		for _, srv := range []string{"allowall", "tokenauthz"} {
 			step(fmt.Sprintf("%s: %s", w.name, srv))
 			r, err := measure(dir, ghz, srv, cfgPath, w.data, w.warm)
@@ -123,8 +143,104 @@ func run() error {
 			results = append(results, r)
 		}
 	}
-	report(os.Stdout, results, bare)
+	report(os.Stdout, results, bare, bareES)
 	return nil
+}
+
+// mintBound signs one RS256 token bound to the DPoP key (cnf.jkt) and
+// returns it with the key's public JWK.
+func mintBound(key *rsa.PrivateKey, dk *ecdsa.PrivateKey) (string, string, error) {
+	pub, err := jwk.FromRaw(dk.Public())
+	if err != nil {
+		return "", "", err
+	}
+	tp, err := pub.Thumbprint(crypto.SHA256)
+	if err != nil {
+		return "", "", err
+	}
+	jwkJSON, err := json.Marshal(pub)
+	if err != nil {
+		return "", "", err
+	}
+	now := time.Now().Unix()
+	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"RS256","kid":"bench","typ":"JWT"}`))
+	claims := fmt.Sprintf(`{"iss":"https://bench.example","aud":"api","sub":"dpop-user","scope":"read write","iat":%d,"exp":%d,"cnf":{"jkt":%q}}`,
+		now, now+7200, base64.RawURLEncoding.EncodeToString(tp))
+	input := hdr + "." + base64.RawURLEncoding.EncodeToString([]byte(claims))
+	sum := sha256.Sum256([]byte(input))
+	sig, err := rsa.SignPKCS1v15(nil, key, crypto.SHA256, sum[:])
+	if err != nil {
+		return "", "", err
+	}
+	return input + "." + base64.RawURLEncoding.EncodeToString(sig), string(jwkJSON), nil
+}
+
+// writeDPoPData writes n CheckRequests with the bound token and a fresh
+// ES256 proof each (DPoP scheme), signed on every core.
+func writeDPoPData(dir, tok, jwkJSON string, dk *ecdsa.PrivateKey, n int) (string, error) {
+	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"typ":"dpop+jwt","alg":"ES256","jwk":` + jwkJSON + `}`))
+	ath := sha256.Sum256([]byte(tok))
+	now := time.Now().Unix()
+	proofs := make([]string, n)
+	var wg sync.WaitGroup
+	workers := runtime.NumCPU()
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < n; i += workers {
+				claims := fmt.Sprintf(`{"jti":"p-%d","htm":"GET","htu":"https://api.example.com/api/orders/1","iat":%d,"ath":%q}`,
+					i, now, base64.RawURLEncoding.EncodeToString(ath[:]))
+				input := hdr + "." + base64.RawURLEncoding.EncodeToString([]byte(claims))
+				sum := sha256.Sum256([]byte(input))
+				r, s, err := ecdsa.Sign(rand.Reader, dk, sum[:])
+				if err != nil {
+					panic(err)
+				}
+				sig := make([]byte, 64)
+				r.FillBytes(sig[:32])
+				s.FillBytes(sig[32:])
+				proofs[i] = input + "." + base64.RawURLEncoding.EncodeToString(sig)
+			}
+		})
+	}
+	wg.Wait()
+	p := filepath.Join(dir, "dpop.json")
+	f, err := os.Create(p)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	bw := bufio.NewWriter(f)
+	bw.WriteString("[")
+	for i, pr := range proofs {
+		if i > 0 {
+			bw.WriteString(",")
+		}
+		fmt.Fprintf(bw, `{"attributes":{"request":{"http":{"id":"%d","method":"GET","path":"/api/orders/1","host":"api.example.com","scheme":"https","protocol":"HTTP/2","headers":{":method":"GET",":path":"/api/orders/1",":authority":"api.example.com","authorization":"DPoP %s","dpop":"%s","user-agent":"curl/8.5.0","x-request-id":"%d"}}}}}`,
+			i, tok, pr, i)
+	}
+	bw.WriteString("]")
+	if err := bw.Flush(); err != nil {
+		return "", err
+	}
+	return p, f.Close()
+}
+
+// bareVerifyES256 is the floor for a proof: one P-256 ECDSA verify with the
+// SHA-256 of a proof-sized input.
+func bareVerifyES256(k *ecdsa.PrivateKey) time.Duration {
+	input := []byte(strings.Repeat("a", 400))
+	sum := sha256.Sum256(input)
+	r, s, _ := ecdsa.Sign(rand.Reader, k, sum[:])
+	n := 0
+	start := time.Now()
+	for time.Since(start) < 2*time.Second {
+		h := sha256.Sum256(input)
+		if !ecdsa.Verify(&k.PublicKey, h[:], r, s) {
+			panic("verify")
+		}
+		n++
+	}
+	return time.Since(start) / time.Duration(n)
 }
 
 func step(s string) { fmt.Fprintf(os.Stderr, "== %s\n", s) }
@@ -168,7 +284,13 @@ func writeConfig(dir string, key *rsa.PrivateKey) (string, error) {
 	}
 	cfg := fmt.Sprintf(`server: { grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", reflection: true }
 issuers:
-  - { name: bench, issuer: "https://bench.example", audiences: [api], algorithms: [RS256], jwks: '%s' }
+  - name: bench
+    issuer: "https://bench.example"
+    audiences: [api]
+    algorithms: [RS256]
+    jwks: '%s'
+
+    dpop: {}
 routes:
   - { name: api, match: { path_prefix: /api }, scopes: [read] }
 headers: { x-user-id: sub, x-user-scopes: scope }
@@ -426,13 +548,14 @@ func (s *server) allows() float64 {
 	return sum
 }
 
-func report(w io.Writer, rs []result, bare time.Duration) {
+func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 	fmt.Fprintf(w, "\n%-22s %-11s %10s %9s %9s %12s %8s\n", "workload", "server", "checks/s", "p50", "p99", "CPU/check", "RSS MiB")
 	for _, r := range rs {
 		fmt.Fprintf(w, "%-22s %-11s %10.0f %9s %9s %12s %8.1f\n", r.workload, r.server, r.rps,
 			r.p50.Round(time.Microsecond), r.p99.Round(time.Microsecond), r.cpuPerCheck.Round(100*time.Nanosecond), r.rssMiB)
 	}
-	fmt.Fprintf(w, "\nbare crypto/rsa PKCS#1 v1.5 verify (2048-bit, same key): %s\n\n", bare.Round(100*time.Nanosecond))
+	fmt.Fprintf(w, "\nbare crypto/rsa PKCS#1 v1.5 verify (2048-bit, same key): %s\n", bare.Round(100*time.Nanosecond))
+	fmt.Fprintf(w, "bare crypto/ecdsa P-256 verify (the proof's key): %s\n\n", bareES.Round(100*time.Nanosecond))
 	type target struct {
 		what   string
 		got    float64
@@ -454,6 +577,11 @@ func report(w io.Writer, rs []result, bare time.Duration) {
 			limit := float64(a.cpuPerCheck+bare*13/10) / float64(a.cpuPerCheck)
 			ts = append(ts, target{"new tokens: CPU per check vs allow-all (limit: + 1.3 bare verifies)",
 				float64(t.cpuPerCheck) / float64(a.cpuPerCheck), limit, false})
+		case 3:
+			warm := rs[1].cpuPerCheck
+			limit := float64(warm+bareES*13/10) / float64(warm)
+			ts = append(ts, target{"DPoP: CPU per check vs warm tokenauthz (limit: + 1.3 bare ES256 verifies)",
+				float64(t.cpuPerCheck) / float64(warm), limit, false})
 		}
 	}
 	for _, t := range ts {

@@ -32,8 +32,11 @@ const usage = `tokenauthz: an Envoy ext_authz service that verifies bearer token
 Usage:
   tokenauthz serve      [--config FILE]   run the service (no --config: the embedded demo config)
   tokenauthz validate   --config FILE     check a config; exit 1 naming every problem
-  tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D]
-                                          mint a token the demo config accepts
+  tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D] [--bind-key FILE]
+                                          mint a token the demo config accepts (with --bind-key:
+                                          DPoP-bound to the key in FILE, made if missing)
+  tokenauthz dpop-proof --key FILE --method M --url U (--token T | --token-file F) [--nonce N]
+                                          print a DPoP proof (RFC 9449) for one request
   tokenauthz check      --config FILE (--token T | --token-file F) [--path P] [--method M] [--host H]
                         [--header k=v]... [--route NAME]
                                           explain the decision for one request, step by step
@@ -82,15 +85,34 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		scope := fs.String("scope", "read", "space-separated scopes")
 		email := fs.String("email", "alice@example.com", "email claim (empty: none)")
 		ttl := fs.Duration("ttl", time.Hour, "lifetime")
+		bindKey := fs.String("bind-key", "", "bind the token to this DPoP key (a private JWK file; made if missing)")
 		if fs.Parse(args) != nil {
 			return 2
 		}
-		tok, err := demoToken(*sub, *scope, *email, *ttl)
+		tok, err := demoToken(*sub, *scope, *email, *ttl, *bindKey)
 		if err != nil {
 			fmt.Fprintln(stderr, err)
 			return 1
 		}
 		fmt.Fprintln(stdout, tok)
+		return 0
+	case "dpop-proof":
+		var o proofOptions
+		fs.StringVar(&o.keyFile, "key", "", "the client's private JWK file (demo-token --bind-key makes one)")
+		fs.StringVar(&o.method, "method", "GET", "the request's method (htm)")
+		fs.StringVar(&o.url, "url", "", "the request's URL, scheme://host/path (htu; a query is left out)")
+		fs.StringVar(&o.token, "token", "", "the access token the proof goes with (ath)")
+		fs.StringVar(&o.tokenFile, "token-file", "", "a file holding the access token")
+		fs.StringVar(&o.nonce, "nonce", "", "the server's DPoP-Nonce, when it asked for one")
+		if fs.Parse(args) != nil {
+			return 2
+		}
+		proof, err := dpopProof(o)
+		if err != nil {
+			fmt.Fprintln(stderr, "dpop-proof:", err)
+			return 2
+		}
+		fmt.Fprintln(stdout, proof)
 		return 0
 	case "check":
 		o := checkOptions{headers: headerFlags{}}
@@ -171,7 +193,7 @@ func serve(path string, stderr io.Writer) int {
 
 // demoToken signs a token with the demo key for the demo config's issuer and
 // first audience.
-func demoToken(sub, scope, email string, ttl time.Duration) (string, error) {
+func demoToken(sub, scope, email string, ttl time.Duration, bindKey string) (string, error) {
 	cfg, err := parseConfig(deploy.DemoConfig, "demo config")
 	if err != nil {
 		return "", err
@@ -189,6 +211,17 @@ func demoToken(sub, scope, email string, ttl time.Duration) (string, error) {
 	}
 	if email != "" {
 		b = b.Claim("email", email)
+	}
+	if bindKey != "" {
+		k, err := loadOrMakeProofKey(bindKey)
+		if err != nil {
+			return "", err
+		}
+		jkt, err := thumbprint(k)
+		if err != nil {
+			return "", err
+		}
+		b = b.Claim("cnf", map[string]any{"jkt": jkt})
 	}
 	t, err := b.Build()
 	if err != nil {
