@@ -13,11 +13,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math"
 	"net/url"
 	"strings"
 	"sync"
 	"time"
 
+	jsonv2 "github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -122,9 +125,9 @@ type proofs struct {
 	algs    map[string]algSpec
 	leeway  time.Duration
 	now     func() time.Time
-	seen    jtiSet   // proof jtis seen here, until they are too old anyway
-	keys    sync.Map // the proof jwk's JSON → *proofKey: parsed once
-	nkeys   int
+	seen    jtiSet // proof jtis seen here, until they are too old anyway
+	keysMu  sync.RWMutex
+	keys    map[string]*proofKey // the proof jwk's JSON → its parsed key: parsed once
 	shared  *cache.Shared
 	issuer  string
 	nonceMu sync.Mutex
@@ -147,7 +150,8 @@ func newProofs(c *DPoPConfig, leeway time.Duration, now func() time.Time, shared
 	if cfg.MaxAge == 0 {
 		cfg.MaxAge = defaultDPoPMaxAge
 	}
-	p := &proofs{cfg: cfg, algs: map[string]algSpec{}, leeway: leeway, now: now, shared: shared, issuer: issuer}
+	p := &proofs{cfg: cfg, algs: map[string]algSpec{}, leeway: leeway, now: now, shared: shared, issuer: issuer,
+		keys: map[string]*proofKey{}}
 	p.seen.window = cfg.MaxAge + 2*leeway
 	for _, a := range cfg.Algorithms {
 		p.algs[a] = algorithms[a]
@@ -178,21 +182,19 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 	if err1 != nil || err2 != nil || err3 != nil || len(sig) == 0 {
 		return badProof("the DPoP proof is not base64url")
 	}
-	if checkJSON(hb) != nil || checkJSON(pb) != nil {
-		return badProof("the DPoP proof is not a JSON object without duplicate keys")
-	}
+	// JSON v2 decoding: one pass that refuses duplicate names and invalid
+	// UTF-8 and matches member names exactly (v1 would take "HTM" for htm).
 	var hdr struct {
-		Typ  string          `json:"typ"`
-		Alg  string          `json:"alg"`
-		JWK  json.RawMessage `json:"jwk"`
-		Crit json.RawMessage `json:"crit"`
-		JKU  json.RawMessage `json:"jku"`
-		X5U  json.RawMessage `json:"x5u"`
-		X5C  json.RawMessage `json:"x5c"`
-		Kid  json.RawMessage `json:"kid"`
+		Typ  string         `json:"typ"`
+		Alg  string         `json:"alg"`
+		JWK  jsontext.Value `json:"jwk"`
+		Crit jsontext.Value `json:"crit"`
+		JKU  jsontext.Value `json:"jku"`
+		X5U  jsontext.Value `json:"x5u"`
+		X5C  jsontext.Value `json:"x5c"`
 	}
-	if json.Unmarshal(hb, &hdr) != nil {
-		return badProof("the DPoP proof header is malformed")
+	if jsonv2.Unmarshal(hb, &hdr) != nil {
+		return badProof("the DPoP proof header is malformed (or has duplicate names)")
 	}
 	switch {
 	case !strings.EqualFold(hdr.Typ, "dpop+jwt"):
@@ -220,17 +222,15 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 	}
 
 	var claims struct {
-		JTI   *string      `json:"jti"`
-		HTM   *string      `json:"htm"`
-		HTU   *string      `json:"htu"`
-		IAT   *json.Number `json:"iat"`
-		ATH   *string      `json:"ath"`
-		Nonce *string      `json:"nonce"`
+		JTI   *string  `json:"jti"`
+		HTM   *string  `json:"htm"`
+		HTU   *string  `json:"htu"`
+		IAT   *float64 `json:"iat"`
+		ATH   *string  `json:"ath"`
+		Nonce *string  `json:"nonce"`
 	}
-	dec := json.NewDecoder(strings.NewReader(string(pb)))
-	dec.UseNumber()
-	if dec.Decode(&claims) != nil {
-		return badProof("the DPoP proof's claims are malformed")
+	if jsonv2.Unmarshal(pb, &claims) != nil {
+		return badProof("the DPoP proof's claims are malformed (or have duplicate names)")
 	}
 	switch {
 	case claims.JTI == nil || *claims.JTI == "" || len(*claims.JTI) > 256:
@@ -246,10 +246,10 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 	case pk.jkt != r.JKT:
 		return &Error{Kind: Invalid, Reason: "dpop_key_mismatch", Desc: "the token is bound to another key than the DPoP proof's"}
 	}
-	iat, err := claims.IAT.Float64()
 	now := p.now()
-	if err != nil {
-		return badProof("the DPoP proof's iat is not a number")
+	iat := *claims.IAT
+	if math.IsNaN(iat) || iat < 0 || iat > 253402300799 {
+		return badProof("the DPoP proof's iat is out of range")
 	}
 	issued := time.Unix(0, int64(iat*1e9))
 	if issued.Before(now.Add(-p.cfg.MaxAge - p.leeway)) {
@@ -281,19 +281,23 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 
 // key parses a proof's jwk once: a client signs every proof with the same
 // key. The cache is bounded; past the bound, keys are parsed every time.
-func (p *proofs) key(raw json.RawMessage) *proofKey {
-	if v, ok := p.keys.Load(string(raw)); ok {
-		return v.(*proofKey)
+func (p *proofs) key(raw []byte) *proofKey {
+	p.keysMu.RLock()
+	pk, ok := p.keys[string(raw)] // no allocation for the lookup
+	p.keysMu.RUnlock()
+	if ok {
+		return pk
 	}
-	pk := parseProofKey(raw)
-	if p.nkeys < maxProofKeys {
-		p.nkeys++
-		p.keys.Store(string(raw), pk)
+	pk = parseProofKey(raw)
+	p.keysMu.Lock()
+	if len(p.keys) < maxProofKeys {
+		p.keys[string(raw)] = pk
 	}
+	p.keysMu.Unlock()
 	return pk
 }
 
-func parseProofKey(raw json.RawMessage) *proofKey {
+func parseProofKey(raw []byte) *proofKey {
 	var members map[string]json.RawMessage
 	if json.Unmarshal(raw, &members) != nil {
 		return &proofKey{err: badProof("the DPoP proof's jwk is not a JSON object")}
