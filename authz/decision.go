@@ -28,6 +28,8 @@ type decision struct {
 	scope      string // for insufficient_scope
 	reason     string // stable, for logs and metrics
 	quiet      bool   // counted, but no log line (floods)
+	cancelled  bool   // Envoy or the client gave up: counted as cancelled
+	issuer     string // the issuer a refused token named, when no result
 	detail     string // for the log line only: which condition, which error
 	// DPoP challenges (RFC 9449 §7.1): the scheme ("" for Bearer), the
 	// accepted algorithms and a fresh nonce for use_dpop_nonce.

@@ -1,6 +1,7 @@
 package authz_test
 
 import (
+	"context"
 	"log/slog"
 	"strings"
 	"sync"
@@ -9,6 +10,7 @@ import (
 
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/tokenauthz/tokenauthz/authz"
 	"github.com/tokenauthz/tokenauthz/verify"
@@ -91,9 +93,11 @@ func TestIdPDown(t *testing.T) {
 		idp.SetDown(true)
 		clk.Add(30 * time.Minute) // refresh due, IdP down: stale keys keep serving
 		allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
-		// An unknown kid tries the IdP, fails, and the known key still works.
+		// An unknown kid tries the IdP, which does not answer: nothing is
+		// decided about that token (503, not a 401 that would make the
+		// client drop a good token), and the known key still works.
 		denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, idptest.NewKey(t, "k9", "RS256"), claimsAt(idp, clk)))}),
-			codes.Unauthenticated, typev3.StatusCode_Unauthorized)
+			codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
 		allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
 		clk.Add(time.Hour) // past refresh + max_stale: no decision possible
 		resp := check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))})
@@ -146,8 +150,9 @@ func TestBrokenKeySetsKeepOldKeys(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			idp.SetRawJWKS(body)
 			clk.Add(time.Hour) // past refresh interval and unknown-kid interval
+			// A key set that does not parse is no answer: a new kid is a 503.
 			denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, idptest.NewKey(t, "k9", "RS256"), claimsAt(idp, clk)))}),
-				codes.Unauthenticated, typev3.StatusCode_Unauthorized, "key id")
+				codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
 			allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, claimsAt(idp, clk)))}))
 		})
 	}
@@ -224,5 +229,92 @@ func TestDiscoveryCannotPointElsewhere(t *testing.T) {
 	allowed(t, check(t, start(t, cfg, nil), req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}))
 	if attacker.JWKSHits.Load() != 1 {
 		t.Errorf("the allowed host served %d key fetches, want 1", attacker.JWKSHits.Load())
+	}
+}
+
+// TestRecoveryAfterProviderBlip: a pod that starts while the provider is
+// down retries with exponential back-off from a short first delay, so it is
+// ready soon after the provider returns, not a min_refresh_interval (30 s)
+// later. The bound asserted is loose (noisy machines); the log shows the
+// figure.
+func TestRecoveryAfterProviderBlip(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	idp, cfg := remoteFixture(t, verify.KeysConfig{}, k1)
+	idp.SetDown(true)
+	v, err := verify.New(cfg.Issuers, verify.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	v.Start(ctx)
+	time.Sleep(2 * time.Second)
+	hitsWhileDown := idp.JWKSHits.Load()
+	idp.SetDown(false)
+	back := time.Now()
+	for !v.Ready() {
+		if time.Since(back) > 6*time.Second {
+			t.Fatalf("not ready 6 s after the provider returned (%d fetches while it was down)", hitsWhileDown)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("ready %v after the provider returned; %d fetches during the 2 s outage", time.Since(back).Round(10*time.Millisecond), hitsWhileDown)
+	if hitsWhileDown > 6 {
+		t.Errorf("%d fetches in a 2 s outage: the back-off does not back off", hitsWhileDown)
+	}
+}
+
+// decisions records DecisionInfos, as a metrics observer would.
+type decisions struct {
+	mu   sync.Mutex
+	list []authz.DecisionInfo
+}
+
+func (d *decisions) Decision(i authz.DecisionInfo) { d.mu.Lock(); d.list = append(d.list, i); d.mu.Unlock() }
+func (d *decisions) last() (authz.DecisionInfo, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.list) == 0 {
+		return authz.DecisionInfo{}, false
+	}
+	return d.list[len(d.list)-1], true
+}
+
+// TestDecisionLabels: a refused token that named a configured issuer is
+// counted under that issuer; a check Envoy gave up on is cancelled, not an
+// outage.
+func TestDecisionLabels(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	idp, cfg := remoteFixture(t, verify.KeysConfig{}, k1)
+	v, err := verify.New(cfg.Issuers, verify.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := authz.NewServer(cfg, v, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obs := &decisions{}
+	srv.Observe(authz.Observability{Observer: obs})
+	c := serve(t, srv)
+	expired := idp.Claims(aud)
+	expired["exp"] = time.Now().Unix() - 3600
+	denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, expired))}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
+	if d, _ := obs.last(); d.Reason != "expired" || d.Issuer != cfg.Issuers[0].Name {
+		t.Errorf("expired token counted as %+v, want issuer %q", d, cfg.Issuers[0].Name)
+	}
+
+	// A new kid while the provider is slow; Envoy's timeout (here the
+	// client's deadline) ends the call first.
+	idp.SetJWKSDelay(2 * time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	_, err = c.Check(ctx, req{headers: bearer(idptest.Mint(t, idptest.NewKey(t, "k9", "RS256"), idp.Claims(aud)))}.proto())
+	if status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("want the call to time out, got %v", err)
+	}
+	eventually(t, "the cancelled check is counted", func() bool { d, _ := obs.last(); return d.Decision == "cancelled" })
+	if d, _ := obs.last(); d.Reason != "cancelled" || d.Issuer != cfg.Issuers[0].Name {
+		t.Errorf("cancelled check counted as %+v", d)
 	}
 }

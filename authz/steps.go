@@ -92,6 +92,9 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 		}
 		if d != nil {
 			d.route, d.result = c.r, c.res
+			if c.verr != nil {
+				d.issuer = c.verr.Issuer
+			}
 			if d.allow {
 				d.set, d.remove = c.set, c.remove
 			}
@@ -167,6 +170,13 @@ func stepToken(ctx context.Context, c *check) *decision {
 	ve := verify.AsError(err)
 	c.verr = ve
 	switch {
+	case ctx.Err() != nil:
+		// Envoy gave up (its timeout) or the client went away: not an
+		// outage, and nobody reads the answer.
+		c.s.log.Debug("check cancelled", "route", c.r.name, "issuer", ve.Issuer, "error", ctx.Err().Error())
+		d := errUnavailable("the check was cancelled")
+		d.reason, d.quiet, d.cancelled = "cancelled", true, true
+		return d
 	case ve.Kind == verify.Invalid:
 		return denyInvalid(ve.Reason, ve.Desc)
 	case ve.Reason == verify.ReasonThrottled:

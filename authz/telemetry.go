@@ -127,6 +127,8 @@ func (d *decision) info(took time.Duration) DecisionInfo {
 	switch {
 	case d.allow:
 		i.Decision = "allow"
+	case d.cancelled:
+		i.Decision = "cancelled"
 	case d.code == codes.Unavailable || d.code == codes.Internal:
 		i.Decision = "error"
 	}
@@ -135,6 +137,8 @@ func (d *decision) info(took time.Duration) DecisionInfo {
 	}
 	if d.result != nil {
 		i.Issuer = d.result.Issuer.Name()
+	} else {
+		i.Issuer = d.issuer
 	}
 	return i
 }

@@ -35,6 +35,11 @@ func Hash(parts ...string) string {
 // tier, revocations are stored there (with a TTL bounded by the token
 // lifetime) and a pub/sub nudge makes every pod load a new one at once,
 // with a periodic resync for nudges missed while Redis was away.
+//
+// Revocations never come undone while any pod holds them: every resync also
+// writes back what this pod holds and Redis lacks, so a Redis that lost its
+// data (a restart without persistence, FLUSHALL) is filled again, and a
+// revocation taken while Redis was down reaches it when it returns.
 type Denylist struct {
 	shared *Shared
 	now    func() time.Time
@@ -43,6 +48,9 @@ type Denylist struct {
 	entries map[key]entry
 	count   atomic.Int64 // len(entries), read without the lock on the hot path
 	kinds   [4]atomic.Int64
+
+	// WrittenBack counts revocations this pod stored again in Redis.
+	WrittenBack atomic.Int64
 }
 
 type key struct {
@@ -53,6 +61,7 @@ type key struct {
 type entry struct {
 	revoked time.Time
 	expires time.Time
+	rev     *cachev1.Revocation // as revoked, to write back to Redis
 }
 
 // revocationsChannel carries the Redis key of each new revocation.
@@ -111,13 +120,13 @@ func (d *Denylist) redisKey(r *cachev1.Revocation) string {
 
 func (d *Denylist) apply(r *cachev1.Revocation, expires time.Time) {
 	k := key{kind: r.GetKind(), id: r.GetId()}
-	e := entry{revoked: time.Unix(r.GetRevokedUnix(), 0), expires: expires}
+	e := entry{revoked: time.Unix(r.GetRevokedUnix(), 0), expires: expires, rev: r}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if old, ok := d.entries[k]; ok {
 		// Keep the later revocation time and the later expiry.
 		if old.revoked.After(e.revoked) {
-			e.revoked = old.revoked
+			e.revoked, e.rev = old.revoked, old.rev
 		}
 		if old.expires.After(e.expires) {
 			e.expires = old.expires
@@ -213,14 +222,20 @@ func (d *Denylist) load(rkey string) {
 	}
 }
 
-// resync loads every revocation in Redis (on every master of a Cluster).
+// resync loads every revocation in Redis (on every master of a Cluster),
+// then writes back the ones this pod holds that Redis lacks.
 func (d *Denylist) resync(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	match := d.shared.Key("deny:*")
+	var mu sync.Mutex
+	inRedis := map[string]bool{}
 	scan := func(ctx context.Context, c *redis.Client) error {
 		it := c.Scan(ctx, 0, match, 500).Iterator()
 		for it.Next(ctx) {
+			mu.Lock()
+			inRedis[it.Val()] = true
+			mu.Unlock()
 			d.load(it.Val())
 		}
 		return it.Err()
@@ -234,6 +249,41 @@ func (d *Denylist) resync(ctx context.Context) {
 	}
 	if err != nil {
 		d.shared.log.Warn("revocation resync failed", "error", err)
+		return // Redis cannot be read: nothing can be known to be missing
+	}
+	d.writeBack(ctx, inRedis)
+}
+
+// writeBack stores the live revocations Redis lacks and nudges the fleet.
+func (d *Denylist) writeBack(ctx context.Context, inRedis map[string]bool) {
+	now := d.now()
+	type missing struct {
+		r       *cachev1.Revocation
+		expires time.Time
+	}
+	var todo []missing
+	d.mu.RLock()
+	for _, e := range d.entries {
+		if e.rev != nil && now.Before(e.expires) && !inRedis[d.redisKey(e.rev)] {
+			todo = append(todo, missing{e.rev, e.expires})
+		}
+	}
+	d.mu.RUnlock()
+	written := 0
+	for _, m := range todo {
+		p, err := proto.Marshal(m.r)
+		if err != nil {
+			continue
+		}
+		rkey := d.redisKey(m.r)
+		d.shared.Set(ctx, rkey, p, m.expires)
+		if d.shared.Publish(ctx, revocationsChannel, rkey) == nil {
+			written++
+		}
+	}
+	d.WrittenBack.Add(int64(written))
+	if written > 0 {
+		d.shared.log.Info("revocations Redis lacked were written back", "count", written)
 	}
 }
 

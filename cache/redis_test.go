@@ -273,3 +273,62 @@ func BenchmarkGetFromRedis(b *testing.B) {
 		})
 	}
 }
+
+// TestRevocationsSurviveRedisLosingData: revocations held by running pods
+// are written back after Redis loses its data (FLUSHALL, a restart without
+// persistence), so a pod started afterwards refuses the revoked tokens; a
+// revocation taken while Redis was down reaches Redis when it returns.
+func TestRevocationsSurviveRedisLosingData(t *testing.T) {
+	rs := redistest.Start(t)
+	newPod := func() *cache.Denylist {
+		s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 500 * time.Millisecond,
+			BreakerCooldown: 100 * time.Millisecond}, cache.SharedOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		d := cache.NewDenylist(s, nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		t.Cleanup(cancel)
+		go d.Run(ctx, 100*time.Millisecond)
+		return d
+	}
+	ctx := context.Background()
+	iss := "https://idp.example"
+	rev := func(sub string) *cachev1.Revocation {
+		return &cachev1.Revocation{Kind: cachev1.Revocation_KIND_SUBJECT, Id: cache.Hash(iss, sub), RevokedUnix: time.Now().Unix()}
+	}
+	revoked := func(d *cache.Denylist, sub string) bool {
+		_, ok := d.Revoked(cache.Token{Issuer: iss, Sub: sub})
+		return ok
+	}
+	a := newPod()
+	if err := a.Revoke(ctx, rev("alice"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	keys := func() int { return len(rs.Client().Keys(ctx, "tokenauthz:v1:deny:*").Val()) }
+
+	// FLUSHALL: pod a writes alice back; a new pod loads her.
+	rs.Client().FlushAll(ctx)
+	eventuallyTrue(t, "alice written back after FLUSHALL", func() bool { return keys() == 1 })
+	b := newPod()
+	eventuallyTrue(t, "a pod started after FLUSHALL refuses alice", func() bool { return revoked(b, "alice") })
+
+	// A restart without persistence, and a revocation taken while Redis is
+	// down (it holds on pod a only, until Redis is back).
+	rs.Kill()
+	if err := a.Revoke(ctx, rev("bob"), time.Hour); err == nil {
+		t.Error("a revocation with Redis down reported that the fleet has it")
+	}
+	rs.Restart()
+	eventuallyTrue(t, "alice and bob written back after the restart", func() bool { return keys() == 2 })
+	c := newPod()
+	eventuallyTrue(t, "a pod started after the restart refuses alice and bob", func() bool { return revoked(c, "alice") && revoked(c, "bob") })
+	if a.WrittenBack.Load() < 3 {
+		t.Errorf("written back %d, want at least 3", a.WrittenBack.Load())
+	}
+	// TTLs survive the write-back.
+	if ttl := rs.Client().PTTL(ctx, "tokenauthz:v1:deny:3:"+cache.Hash(iss, "bob")).Val(); ttl < 50*time.Minute || ttl > time.Hour {
+		t.Errorf("bob's TTL after write-back %v, want about 1h", ttl)
+	}
+}

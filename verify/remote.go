@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -34,7 +35,10 @@ type keySource interface {
 	// callers) and returns the set to look in.
 	//
 	// seen is the set the caller looked in: any other set is newer news.
-	refetch(ctx context.Context, seen *keySet) *keySet
+	// err is set when the provider could not be asked or did not answer
+	// (now, or at the last attempt within the interval): then a missing
+	// kid decides nothing.
+	refetch(ctx context.Context, seen *keySet) (ks *keySet, err error)
 	// loaded reports whether keys were ever loaded.
 	loaded() bool
 	// current is the set held now (nil if none), without loading.
@@ -48,12 +52,12 @@ type keySource interface {
 // staticKeys never change: inline or file key sets and HMAC secrets.
 type staticKeys struct{ set *keySet }
 
-func (s staticKeys) keys(context.Context) (*keySet, error)    { return s.set, nil }
-func (s staticKeys) refetch(context.Context, *keySet) *keySet { return s.set }
-func (s staticKeys) loaded() bool                             { return true }
-func (s staticKeys) current() *keySet                         { return s.set }
-func (s staticKeys) generation() uint64                       { return 0 }
-func (s staticKeys) run(context.Context)                      {}
+func (s staticKeys) keys(context.Context) (*keySet, error)             { return s.set, nil }
+func (s staticKeys) refetch(context.Context, *keySet) (*keySet, error) { return s.set, nil }
+func (s staticKeys) loaded() bool                                      { return true }
+func (s staticKeys) current() *keySet                                  { return s.set }
+func (s staticKeys) generation() uint64                                { return 0 }
+func (s staticKeys) run(context.Context)                               {}
 
 // remoteKeys fetches a JWKS over HTTP, either from a fixed URL or from the
 // jwks_uri of the issuer's OIDC discovery document.
@@ -95,6 +99,8 @@ type remoteKeys struct {
 	doc           *discoveryDoc // from discovery; nil until read, and after the jwks_uri failed
 	lastFailAt    time.Time     // when the last fetch failed
 	lastFailErr   error
+	failures      int       // consecutive failed fetches
+	retryAt       time.Time // after a failure: no fetch before this (exponential back-off with jitter)
 	lastRefetchAt time.Time // last unknown-kid refetch
 }
 
@@ -115,10 +121,11 @@ func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
 	if ks := r.cur.Load(); r.usable(ks) {
 		return ks, nil
 	}
-	// Nothing usable. After a failure, answer at once for MinRefreshInterval
-	// instead of sending every request to an identity provider that is down.
+	// Nothing usable. After a failure, answer at once until the back-off
+	// allows the next attempt, instead of sending every request to an
+	// identity provider that is down.
 	r.mu.Lock()
-	failedRecently := r.lastFailErr != nil && r.now().Sub(r.lastFailAt) < r.cfg.MinRefreshInterval
+	failedRecently := r.lastFailErr != nil && r.now().Before(r.retryAt)
 	lastErr := r.lastFailErr
 	r.mu.Unlock()
 	if failedRecently {
@@ -131,27 +138,33 @@ func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
 	return ks, nil
 }
 
-func (r *remoteKeys) refetch(ctx context.Context, seen *keySet) *keySet {
+func (r *remoteKeys) refetch(ctx context.Context, seen *keySet) (*keySet, error) {
+	type answer struct {
+		ks  *keySet
+		err error
+	}
 	ch := r.flights.DoChan("refetch", func() (any, error) {
 		r.mu.Lock()
 		if !r.lastRefetchAt.IsZero() && r.now().Sub(r.lastRefetchAt) < r.cfg.MinRefreshInterval {
+			// Refetched lately: the answer stands, and so does a failure.
+			err := r.lastFailErr
 			r.mu.Unlock()
-			return r.cur.Load(), nil
+			return answer{r.cur.Load(), err}, nil
 		}
 		r.lastRefetchAt = r.now()
 		r.mu.Unlock()
-		ks, _ := r.fetchShared(context.WithoutCancel(ctx), seen)
+		ks, err := r.fetchShared(context.WithoutCancel(ctx), seen)
 		if ks == nil {
 			ks = r.cur.Load()
 		}
-		return ks, nil
+		return answer{ks, err}, nil
 	})
 	select {
 	case <-ctx.Done():
-		return r.cur.Load()
+		return r.cur.Load(), ctx.Err()
 	case res := <-ch:
-		ks, _ := res.Val.(*keySet)
-		return ks
+		a := res.Val.(answer)
+		return a.ks, a.err
 	}
 }
 
@@ -218,13 +231,7 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 		defer cancel()
 		ks, err := r.fetch(hctx)
 		r.tel.obs.KeySetFetched(r.issuerName, err)
-		r.mu.Lock()
-		if err != nil {
-			r.lastFailAt, r.lastFailErr = r.now(), err
-		} else {
-			r.lastFailErr = nil
-		}
-		r.mu.Unlock()
+		r.noteFetch(err)
 		if err != nil {
 			r.log.Warn("key set fetch failed", "issuer", r.issuer, "error", err)
 			end(span, err)
@@ -332,22 +339,23 @@ func sameKids(a, b *keySet) bool {
 	return true
 }
 
-// run refreshes the set when it is due, and after a failure every
-// MinRefreshInterval until a fetch succeeds.
+// run refreshes the set when it is due, and after a failure when the
+// back-off allows, until a fetch succeeds.
 func (r *remoteKeys) run(ctx context.Context) {
 	r.running.Add(1)
 	defer r.running.Add(-1)
 	for {
-		wait := r.cfg.MinRefreshInterval
-		if ks := r.cur.Load(); ks != nil {
-			r.mu.Lock()
-			failing := r.lastFailErr != nil
-			r.mu.Unlock()
-			if !failing {
-				wait = max(ks.refreshAt.Sub(r.now()), 0)
-			}
-		} else if r.fetches.Load() == 0 {
-			wait = 0 // first load at start-up
+		r.mu.Lock()
+		failing, retryAt := r.lastFailErr != nil, r.retryAt
+		r.mu.Unlock()
+		var wait time.Duration
+		switch ks := r.cur.Load(); {
+		case failing:
+			wait = max(retryAt.Sub(r.now()), 0)
+		case ks != nil:
+			wait = max(ks.refreshAt.Sub(r.now()), 0)
+		case r.fetches.Load() > 0:
+			wait = r.cfg.MinRefreshInterval // a fetch found the set was not needed
 		}
 		t := time.NewTimer(wait)
 		select {
@@ -358,6 +366,31 @@ func (r *remoteKeys) run(ctx context.Context) {
 		}
 		_, _ = r.fetchShared(ctx, nil)
 	}
+}
+
+// firstRetry is the back-off after a first failed fetch; it doubles with
+// every further failure up to MinRefreshInterval. A pod that starts during
+// a short provider outage is ready within about a second of its return,
+// and a long outage costs one fetch per MinRefreshInterval.
+const firstRetry = 250 * time.Millisecond
+
+// noteFetch records a fetch's outcome and, after a failure, when the next
+// may be tried: exponential back-off with jitter (half the delay, plus up
+// to half at random, so a fleet does not retry in step).
+func (r *remoteKeys) noteFetch(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err == nil {
+		r.lastFailErr, r.failures = nil, 0
+		return
+	}
+	r.failures++
+	d := r.cfg.MinRefreshInterval
+	if shift := r.failures - 1; shift < 16 {
+		d = min(d, firstRetry<<shift)
+	}
+	d = d/2 + rand.N(d/2+1)
+	r.lastFailAt, r.lastFailErr, r.retryAt = r.now(), err, r.now().Add(d)
 }
 
 func (r *remoteKeys) fetch(ctx context.Context) (*keySet, error) {

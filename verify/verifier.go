@@ -464,7 +464,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 			}
 			res.AnswerSource = src
 			if !a.ok {
-				return nil, invalid("inactive", "token is not active (revoked or expired at the issuer)")
+				return nil, tagIssuer(invalid("inactive", "token is not active (revoked or expired at the issuer)"), res.Issuer.name)
 			}
 		}
 	} else {
@@ -481,7 +481,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 			tk = hashToken(raw)
 		}
 		if err := v.enrich(ctx, res, raw, tk, p.Client); err != nil {
-			return nil, err
+			return nil, tagIssuer(err, res.Issuer.name)
 		}
 	}
 	return res, nil
@@ -495,7 +495,7 @@ func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) 
 		if e, ok := v.verified.Peek(key); ok && v.byName[e.is.name] == e.is && e.keyGen == e.is.keyGeneration() {
 			v.tel.obs.Served("tokens", cache.FromMemory)
 			if !slices.Contains(allowed, e.is.name) {
-				return nil, invalid("issuer_not_allowed", "token issuer is not accepted for this route")
+				return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), e.is.name)
 			}
 			return &Result{Issuer: e.is, Claims: e.claims, Expiry: e.exp, Kind: KindJWT, KeySource: cache.FromMemory}, nil
 		}
@@ -513,16 +513,16 @@ func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) 
 		return nil, invalid("unknown_issuer", "token issuer is not trusted")
 	}
 	if !slices.Contains(allowed, is.name) {
-		return nil, invalid("issuer_not_allowed", "token issuer is not accepted for this route")
+		return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), is.name)
 	}
 	src, gen, err := is.verifySignature(ctx, t)
 	if err != nil {
-		return nil, err
+		return nil, tagIssuer(err, is.name)
 	}
 	now := v.now()
 	exp, err := is.checkClaims(t.claims, now, false)
 	if err != nil {
-		return nil, err
+		return nil, tagIssuer(err, is.name)
 	}
 	if v.verified != nil {
 		v.tel.obs.Served("tokens", cache.FromOrigin)
@@ -560,12 +560,14 @@ func (is *Issuer) keyGeneration() uint64 {
 func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey, allowed []string, client string) (*Result, error) {
 	var failed *Error
 	asked := false
+	var askedNames []string
 	for _, name := range allowed {
 		is := v.byName[name]
 		if is == nil || is.introspection == nil {
 			continue
 		}
 		asked = true
+		askedNames = append(askedNames, is.name)
 		a, src, err := v.introspect(ctx, is, raw, tk, client)
 		if err != nil {
 			// Another issuer may still say active; if none does, this
@@ -579,11 +581,11 @@ func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey
 			continue
 		}
 		if iss, present := a.claims["iss"]; present && iss != is.cfg.Issuer {
-			return nil, invalid("unknown_issuer", "introspected token issuer does not match")
+			return nil, tagIssuer(invalid("unknown_issuer", "introspected token issuer does not match"), is.name)
 		}
 		exp, err := is.checkClaims(a.claims, v.now(), true)
 		if err != nil {
-			return nil, err
+			return nil, tagIssuer(err, is.name)
 		}
 		return &Result{Issuer: is, Claims: a.claims, Expiry: exp, Kind: KindOpaque, AnswerSource: src}, nil
 	}
@@ -592,6 +594,8 @@ func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey
 		return nil, failed
 	case !asked:
 		return nil, invalid("malformed", "token is not a JWT")
+	case len(askedNames) == 1:
+		return nil, tagIssuer(invalid("inactive", "token is not active"), askedNames[0])
 	}
 	return nil, invalid("inactive", "token is not active")
 }
@@ -681,8 +685,16 @@ func (is *Issuer) lookupKeys(ctx context.Context, kid string) (ks *keySet, src c
 	if kid != "" && !ks.hasKid(kid) {
 		// Maybe the issuer rotated: look again, at most once per interval.
 		span.AddEvent("unknown kid: refetch")
-		ks = is.src.refetch(ctx, ks)
-		if ks == nil || !ks.hasKid(kid) {
+		var ferr error
+		ks, ferr = is.src.refetch(ctx, ks)
+		switch {
+		case ks != nil && ks.hasKid(kid):
+		case ferr != nil:
+			// The provider did not answer: nothing was decided about the
+			// token, which may carry a new key (a 401 would make the
+			// client throw a good token away).
+			return nil, "", unavailable("the token's key id is not in the issuer's key set held, and the issuer's keys could not be fetched again", ferr)
+		default:
 			return nil, "", invalid("unknown_kid", "token key id is not in the issuer's key set")
 		}
 	}
@@ -754,4 +766,17 @@ func typeMatches(typ, want string) bool {
 		return strings.TrimPrefix(s, "application/")
 	}
 	return norm(typ) == norm(want)
+}
+
+// tagIssuer names the issuer on an *Error that names none: a token refused
+// for its issuer's rules (expired, bad signature, inactive) is that
+// issuer's, in logs and metrics.
+func tagIssuer(err error, name string) error {
+	ve, ok := err.(*Error)
+	if !ok || ve.Issuer != "" {
+		return err
+	}
+	c := *ve
+	c.Issuer = name
+	return &c
 }

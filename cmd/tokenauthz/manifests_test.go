@@ -39,6 +39,8 @@ func render(t *testing.T, dir string) map[string]any {
 		switch r.GetKind() {
 		case "Deployment":
 			obj = &appsv1.Deployment{}
+		case "StatefulSet":
+			obj = &appsv1.StatefulSet{}
 		case "Service":
 			obj = &corev1.Service{}
 		case "ConfigMap":
@@ -149,11 +151,18 @@ func TestKubernetesManifests(t *testing.T) {
 				}
 			}
 			if strings.HasSuffix(dir, "redis") {
-				if objs["Deployment/tokenauthz-redis"] == nil || !strings.Contains(cm.Data["config.yaml"], "tokenauthz-redis:6379") {
-					t.Error("the redis overlay adds no Redis or does not point the config at it")
+				rd, _ := objs["StatefulSet/tokenauthz-redis"].(*appsv1.StatefulSet)
+				if rd == nil || !strings.Contains(cm.Data["config.yaml"], "tokenauthz-redis:6379") {
+					t.Fatal("the redis overlay adds no Redis or does not point the config at it")
 				}
-				if objs["Deployment/tokenauthz-redis"].(*appsv1.Deployment).Namespace != "tokenauthz" {
+				if rd.Namespace != "tokenauthz" {
 					t.Error("redis is not in the tokenauthz namespace")
+				}
+				// Revocations are durable: an append-only file on a persistent volume.
+				args := strings.Join(rd.Spec.Template.Spec.Containers[0].Args, " ")
+				if !strings.Contains(args, "--appendonly yes") || len(rd.Spec.VolumeClaimTemplates) != 1 ||
+					rd.Spec.VolumeClaimTemplates[0].Name != rd.Spec.Template.Spec.Containers[0].VolumeMounts[0].Name {
+					t.Errorf("redis must persist to a volume with AOF: args %q, claims %v", args, rd.Spec.VolumeClaimTemplates)
 				}
 			}
 		})
