@@ -39,7 +39,8 @@ type Observer interface {
 // DecisionInfo describes one decision with bounded values only: route and
 // issuer come from the config, reason from a fixed set.
 type DecisionInfo struct {
-	// Decision is allow, deny or error (no decision possible).
+	// Decision is allow, deny, error (no decision possible) or cancelled
+	// (Envoy or the client ended the call first).
 	Decision string
 	Reason   string
 	Route    string

@@ -8,6 +8,7 @@ package cache
 
 import (
 	"context"
+	"errors"
 	"math"
 	"sync/atomic"
 	"time"
@@ -88,9 +89,10 @@ type Cache[V any] struct {
 	size    func(V) int
 
 	// The shared tier, when set by Share.
-	shared *Shared
-	ns     string
-	codec  Codec[V]
+	shared      *Shared
+	ns          string
+	codec       Codec[V]
+	followBound atomic.Int64 // see FollowFor
 
 	hits, misses, loads atomic.Int64
 }
@@ -158,6 +160,10 @@ func (c *Cache[V]) Share(s *Shared, ns string, codec Codec[V]) {
 	c.shared, c.ns, c.codec = s, ns, codec
 }
 
+// FollowFor sets how long a pod waits for another pod's load of the same
+// key at most: the loader's own timeout plus a margin.
+func (c *Cache[V]) FollowFor(d time.Duration) { c.followBound.Store(int64(d)) }
+
 // Get returns the live value under key, or loads it: memory, then Redis
 // (when shared), then load. Concurrent Gets of a missing key share one load;
 // each waits with its own ctx, while the load runs on a context that the
@@ -180,34 +186,63 @@ func (c *Cache[V]) Get(ctx context.Context, key string, load Loader[V]) (v V, sr
 		if v, ok := c.Peek(key); ok {
 			return result{v, FromMemory}, nil
 		}
+		var lease *Lease
 		if c.shared != nil {
 			rkey := c.shared.Key(c.ns + key)
-			if v, ok := c.fromShared(c.shared.Get(lctx, rkey)); ok {
-				c.Set(key, v.v, v.ttl)
-				return result{v.v, FromRedis}, nil
-			}
-			unlock, acquired := c.shared.TryLock(lctx, c.ns+key)
-			if !acquired {
-				// Another pod is loading: wait for its result; a holder that
-				// died or failed costs this wait, then we load ourselves.
-				var v decoded[V]
-				if c.shared.Await(lctx, func() (ok bool) { v, ok = c.fromShared(c.shared.Get(lctx, rkey)); return ok }) {
+			fromRedis := func() (result, bool) {
+				v, ok := c.fromShared(c.shared.Get(lctx, rkey))
+				if ok {
 					c.Set(key, v.v, v.ttl)
-					return result{v.v, FromRedis}, nil
 				}
-			} else {
-				defer unlock()
-				// The previous holder may have stored its result just before
-				// releasing the lock we now hold.
-				if v, ok := c.fromShared(c.shared.Get(lctx, rkey)); ok {
-					c.Set(key, v.v, v.ttl)
-					return result{v.v, FromRedis}, nil
-				}
+				return result{v.v, FromRedis}, ok
 			}
+			if r, ok := fromRedis(); ok {
+				return r, nil
+			}
+			// A failure another pod published moments ago stands for all.
+			if hf, ok := c.shared.Unavailable(lctx, c.ns+key); ok {
+				return nil, hf
+			}
+			// One pod loads; the others follow it for as long as it works,
+			// and take its result or its failure.
+			for range 3 {
+				l, state := c.shared.Acquire(lctx, c.ns+key)
+				if state == Acquired {
+					lease = l
+					// The previous holder may have stored its result just
+					// before releasing the lock we now hold.
+					if r, ok := fromRedis(); ok {
+						lease.Release()
+						return r, nil
+					}
+					break
+				}
+				if state == Unreachable {
+					break
+				}
+				var got result
+				err := c.shared.Follow(lctx, c.ns+key, time.Duration(c.followBound.Load()), func() (ok bool) { got, ok = fromRedis(); return ok })
+				var hf *HolderFailed
+				switch {
+				case err == nil:
+					return got, nil
+				case errors.As(err, &hf):
+					return nil, hf
+				case errors.Is(err, ErrNoHolder):
+					continue
+				}
+				break // Redis failed or the holder took too long: load here
+			}
+		}
+		if lease != nil {
+			defer lease.Release()
 		}
 		c.loads.Add(1)
 		v, ttl, err := load(lctx)
 		if err != nil {
+			if lease != nil && !errors.Is(err, ErrLocal) {
+				c.shared.MarkUnavailable(lctx, c.ns+key, err.Error(), UnavailableTTL)
+			}
 			return nil, err
 		}
 		c.Set(key, v, ttl)

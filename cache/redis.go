@@ -50,10 +50,12 @@ type RedisConfig struct {
 	// Timeout bounds every Redis operation (dial, read, write). Default 100ms:
 	// Redis is a shortcut, never worth waiting for longer than the provider.
 	Timeout time.Duration `yaml:"timeout"`
-	// LockWait is how long a pod waits for another pod's fetch of the same
-	// entry before fetching itself. Default 1s.
+	// LockWait is the least a pod waits for another pod's fetch of the same
+	// entry: it waits as long as the holder works (its lock renewed), up to
+	// the provider's timeout, and takes its result or its failure. Default 1s.
 	LockWait time.Duration `yaml:"lock_wait"`
-	// LockTTL is how long a fetch lock lives if its holder dies. Default 5s.
+	// LockTTL is the fetch lock's lease: its holder renews it while it works,
+	// and a dead holder's lock is gone after at most this long. Default 2s.
 	LockTTL time.Duration `yaml:"lock_ttl"`
 	// HMACKeyFile / HMACKeyEnv hold a key (32+ bytes) that authenticates
 	// every entry; pods skip entries that fail the check. Without it, anyone
@@ -86,7 +88,7 @@ func (c *RedisConfig) withDefaults() RedisConfig {
 		r.LockWait = time.Second
 	}
 	if r.LockTTL <= 0 {
-		r.LockTTL = 5 * time.Second
+		r.LockTTL = 2 * time.Second
 	}
 	if r.BreakerFailures <= 0 {
 		r.BreakerFailures = 3
@@ -403,11 +405,36 @@ func sum(mac []byte, key string, e *cachev1.Entry) []byte {
 // lock expired cannot release another pod's.
 var unlockScript = redis.NewScript(`if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("del", KEYS[1]) end return 0`)
 
-// TryLock takes the fleet-wide fetch lock for name. acquired is true when
-// this pod should fetch: it holds the lock, or Redis cannot be asked (then
-// every pod fetches for itself, which costs provider calls, not
-// availability). unlock releases a held lock.
-func (s *Shared) TryLock(ctx context.Context, name string) (unlock func(), acquired bool) {
+// extendScript renews the lock's lease only if we still hold it.
+var extendScript = redis.NewScript(`if redis.call("get", KEYS[1]) == ARGV[1] then return redis.call("pexpire", KEYS[1], ARGV[2]) end return 0`)
+
+// LockState is what Acquire found.
+type LockState int
+
+const (
+	// Acquired: this pod holds the lock and should do the work.
+	Acquired LockState = iota
+	// HeldElsewhere: another pod holds it; Follow it.
+	HeldElsewhere
+	// Unreachable: Redis could not be asked; work without coordination
+	// (it costs provider calls, never availability).
+	Unreachable
+)
+
+// Lease is a held fleet lock. It is renewed while its holder works (every
+// LockTTL/3), so followers can wait for a slow provider as long as the
+// holder is alive, and a dead holder's lock is gone within LockTTL.
+type Lease struct {
+	s          *Shared
+	key, token string
+	stop, done chan struct{}
+}
+
+// Acquire tries to take the fleet lock for name. A Redis error (a timeout,
+// when Redis is frozen) counts as not taken: the SET may still land later,
+// so its fenced release is retried in the background until it is sure no
+// late lock of ours is left to orphan.
+func (s *Shared) Acquire(ctx context.Context, name string) (*Lease, LockState) {
 	key := s.Key("lock:" + name)
 	tok := make([]byte, 16)
 	_, _ = rand.Read(tok)
@@ -418,17 +445,159 @@ func (s *Shared) TryLock(ctx context.Context, name string) (unlock func(), acqui
 		got, err = s.rdb.SetNX(ctx, key, val, s.lockTTL).Result()
 		return err
 	})
-	if err != nil {
-		return func() {}, true
+	switch {
+	case err != nil:
+		if !errors.Is(err, gobreaker.ErrOpenState) {
+			go s.releaseLate(key, val)
+		}
+		return nil, Unreachable
+	case !got:
+		return nil, HeldElsewhere
 	}
-	if !got {
+	l := &Lease{s: s, key: key, token: val, stop: make(chan struct{}), done: make(chan struct{})}
+	go l.renew()
+	return l, Acquired
+}
+
+func (l *Lease) renew() {
+	defer close(l.done)
+	t := time.NewTicker(l.s.lockTTL / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+			_ = l.s.do(context.Background(), func(ctx context.Context) error {
+				return extendScript.Run(ctx, l.s.rdb, []string{l.key}, l.token, l.s.lockTTL.Milliseconds()).Err()
+			})
+		}
+	}
+}
+
+// Release stops the renewal and deletes the lock if it is still ours.
+func (l *Lease) Release() {
+	close(l.stop)
+	<-l.done
+	_ = l.s.do(context.Background(), func(ctx context.Context) error {
+		return unlockScript.Run(ctx, l.s.rdb, []string{l.key}, l.token).Err()
+	})
+}
+
+// releaseLate deletes a lock whose SET timed out, should it land: fenced by
+// its token, retried for the lock's whole lifetime (a command queued in a
+// frozen Redis runs when it resumes, possibly after our first DEL).
+func (s *Shared) releaseLate(key, token string) {
+	deadline := time.Now().Add(s.lockTTL + s.timeout)
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+		_ = unlockScript.Run(ctx, s.rdb, []string{key}, token).Err()
+		cancel()
+		time.Sleep(s.lockTTL / 10)
+	}
+}
+
+// ErrLocal marks a load failure that is this pod's own (its call budget,
+// say), not the provider's: it is not published to the fleet.
+var ErrLocal = errors.New("this pod's own limit")
+
+// Follow errors.
+var (
+	// ErrNoHolder: the lock went away without a result (its holder died, or
+	// finished just now without storing one): try again.
+	ErrNoHolder = errors.New("the fleet lock was released without a result")
+	// ErrFollowTimeout: the holder outlived the bound.
+	ErrFollowTimeout = errors.New("the fleet lock holder took too long")
+)
+
+// HolderFailed is the failure the lock holder published: every pod answers
+// with it at once instead of trying the provider again.
+type HolderFailed struct{ Reason string }
+
+func (e *HolderFailed) Error() string {
+	return "another pod's call to the provider failed: " + e.Reason
+}
+
+// Follow waits while another pod holds name's lock: until done reports its
+// result, the holder publishes a failure (*HolderFailed), the lock goes away
+// without a result (ErrNoHolder), Redis cannot be asked, or bound passes.
+// The holder renews its lock while it works, so a slow provider is waited
+// for, not raced.
+func (s *Shared) Follow(ctx context.Context, name string, bound time.Duration, done func() bool) error {
+	lock, fail := s.Key("lock:"+name), s.Key("unavailable:"+name)
+	deadline := time.Now().Add(max(bound, s.lockWait))
+	for wait := 5 * time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
+		if done() {
+			return nil
+		}
+		var held int64
+		var reason string
+		err := s.do(ctx, func(ctx context.Context) error {
+			p := s.rdb.Pipeline()
+			h := p.Exists(ctx, lock)
+			r := p.Get(ctx, fail)
+			_, _ = p.Exec(ctx)
+			if err := h.Err(); err != nil {
+				return err
+			}
+			held, reason = h.Val(), r.Val()
+			return nil
+		})
+		switch {
+		case err != nil:
+			return err
+		case reason != "":
+			return &HolderFailed{Reason: reason}
+		case held == 0:
+			if done() {
+				return nil
+			}
+			return ErrNoHolder
+		case time.Now().After(deadline):
+			return ErrFollowTimeout
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// MarkUnavailable publishes the holder's failure for name for ttl, so the
+// pods following it, and those asking within ttl, answer with it at once.
+func (s *Shared) MarkUnavailable(ctx context.Context, name, reason string, ttl time.Duration) {
+	_ = s.do(ctx, func(ctx context.Context) error {
+		return s.rdb.Set(ctx, s.Key("unavailable:"+name), truncateReason(reason), ttl).Err()
+	})
+}
+
+// Unavailable returns a failure published for name within its ttl.
+func (s *Shared) Unavailable(ctx context.Context, name string) (*HolderFailed, bool) {
+	var reason string
+	err := s.do(ctx, func(ctx context.Context) error {
+		v, err := s.rdb.Get(ctx, s.Key("unavailable:"+name)).Result()
+		if errors.Is(err, redis.Nil) {
+			return nil
+		}
+		reason = v
+		return err
+	})
+	if err != nil || reason == "" {
 		return nil, false
 	}
-	return func() {
-		_ = s.do(context.Background(), func(ctx context.Context) error {
-			return unlockScript.Run(ctx, s.rdb, []string{key}, val).Err()
-		})
-	}, true
+	return &HolderFailed{Reason: reason}, true
+}
+
+// UnavailableTTL is how long a published failure stands: long enough for
+// every follower to see it, short enough that the next try comes soon.
+const UnavailableTTL = time.Second
+
+func truncateReason(s string) string {
+	if len(s) > 300 {
+		s = s[:300]
+	}
+	return strings.ToValidUTF8(s, "?")
 }
 
 // Claim sets name for ttl unless it is set: first is true for the one
@@ -467,28 +636,6 @@ func (s *Shared) Secret(ctx context.Context, name string) ([]byte, error) {
 		return nil, errors.New("redis: the shared secret is malformed")
 	}
 	return k, nil
-}
-
-// Await polls done, with a growing pause, while another pod holds the
-// fetch lock, until done reports the holder's result arrived, LockWait
-// passes, or the breaker opens. It reports whether done did.
-func (s *Shared) Await(ctx context.Context, done func() bool) bool {
-	deadline := time.Now().Add(s.lockWait)
-	for wait := 5 * time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
-		if done() {
-			return true
-		}
-		if s.br.State() == gobreaker.StateOpen || time.Now().Add(wait).After(deadline) {
-			return false
-		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return false
-		case <-t.C:
-		}
-	}
 }
 
 // Publish sends a nudge on channel (under the prefix). Failures are logged:

@@ -2,9 +2,11 @@ package cache_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -110,8 +112,8 @@ func TestBreakerSkipsADeadRedisAndRecovers(t *testing.T) {
 		t.Fatal("an open breaker still sent the command (or did not count it)")
 	}
 	// A lock cannot be had from a dead Redis: the caller fetches itself.
-	if _, acquired := s.TryLock(ctx, "x"); !acquired {
-		t.Fatal("TryLock with Redis down must let the caller fetch")
+	if _, state := s.Acquire(ctx, "x"); state != cache.Unreachable {
+		t.Fatalf("Acquire with Redis down: %v, want Unreachable (the caller fetches itself)", state)
 	}
 	rs.Restart()
 	deadline := time.Now().Add(10 * time.Second)
@@ -130,27 +132,93 @@ func TestBreakerSkipsADeadRedisAndRecovers(t *testing.T) {
 	}
 }
 
-func TestFleetLockIsExclusiveAndReleased(t *testing.T) {
+func TestFleetLockIsExclusiveRenewedAndReleased(t *testing.T) {
 	rs := redistest.Start(t)
-	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second}, cache.SharedOptions{})
+	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second, LockTTL: 300 * time.Millisecond}, cache.SharedOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
 	ctx := context.Background()
-	unlock, ok := s.TryLock(ctx, "fetch")
-	if !ok {
-		t.Fatal("first TryLock failed")
+	lease, state := s.Acquire(ctx, "fetch")
+	if state != cache.Acquired {
+		t.Fatal("first Acquire failed")
 	}
-	if _, ok := s.TryLock(ctx, "fetch"); ok {
+	if _, state := s.Acquire(ctx, "fetch"); state != cache.HeldElsewhere {
 		t.Fatal("the lock was granted twice")
 	}
-	unlock()
-	if _, ok := s.TryLock(ctx, "fetch"); !ok {
+	// A holder that works longer than the lease keeps it.
+	time.Sleep(time.Second)
+	if _, state := s.Acquire(ctx, "fetch"); state != cache.HeldElsewhere {
+		t.Fatal("the lease was not renewed while its holder worked")
+	}
+	lease.Release()
+	l2, state := s.Acquire(ctx, "fetch")
+	if state != cache.Acquired {
 		t.Fatal("the lock was not released")
 	}
-	if ttl := rs.Client().PTTL(ctx, s.Key("lock:fetch")).Val(); ttl <= 0 || ttl > 5*time.Second {
+	defer l2.Release()
+	if ttl := rs.Client().PTTL(ctx, s.Key("lock:fetch")).Val(); ttl <= 0 || ttl > 300*time.Millisecond {
 		t.Fatalf("lock TTL %v: a dead holder must not block the fleet for long", ttl)
+	}
+}
+
+// TestFollowTheHolder: a follower waits as long as the holder works, and
+// takes its result, or its published failure, at once.
+func TestFollowTheHolder(t *testing.T) {
+	rs := redistest.Start(t)
+	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second, LockWait: 100 * time.Millisecond,
+		LockTTL: 300 * time.Millisecond}, cache.SharedOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	lease, _ := s.Acquire(ctx, "a")
+	var result atomic.Bool
+	go func() { time.Sleep(700 * time.Millisecond); result.Store(true); lease.Release() }() // slower than lock_wait and the lease
+	if err := s.Follow(ctx, "a", 5*time.Second, result.Load); err != nil || !result.Load() {
+		t.Fatalf("follow: %v (result %v)", err, result.Load())
+	}
+	lease, _ = s.Acquire(ctx, "b")
+	go func() { s.MarkUnavailable(ctx, "b", "HTTP 503", cache.UnavailableTTL); lease.Release() }()
+	var hf *cache.HolderFailed
+	if err := s.Follow(ctx, "b", 5*time.Second, func() bool { return false }); !errors.As(err, &hf) || hf.Reason != "HTTP 503" {
+		t.Fatalf("follow a failing holder: %v", err)
+	}
+	if got, ok := s.Unavailable(ctx, "b"); !ok || got.Reason != "HTTP 503" {
+		t.Fatal("the failure is not there for pods asking next")
+	}
+	if err := s.Follow(ctx, "nobody", 5*time.Second, func() bool { return false }); !errors.Is(err, cache.ErrNoHolder) {
+		t.Fatalf("follow without a holder: %v", err)
+	}
+}
+
+// TestNoOrphanLockAfterFreeze: a lock taken while Redis is frozen
+// (SIGSTOP) times out for its caller; when Redis resumes and the queued SET
+// lands, the caller's fenced release removes it.
+func TestNoOrphanLockAfterFreeze(t *testing.T) {
+	rs := redistest.Start(t)
+	s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 100 * time.Millisecond, LockTTL: 5 * time.Second,
+		BreakerFailures: 100}, cache.SharedOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	s.Set(ctx, s.Key("warm"), []byte("x"), time.Now().Add(time.Minute)) // a live connection
+	rs.Freeze()
+	if _, state := s.Acquire(ctx, "frozen"); state != cache.Unreachable {
+		t.Fatalf("Acquire on a frozen Redis: %v, want Unreachable", state)
+	}
+	rs.Thaw()
+	c := rs.Client()
+	deadline := time.Now().Add(3 * time.Second) // well within the 5 s lock TTL
+	for c.Exists(ctx, s.Key("lock:frozen")).Val() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the lock taken during the freeze is orphaned")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -209,22 +209,52 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 		ctx, span := r.tel.start(fctx, "tokenauthz.keys.fetch", attribute.String("tokenauthz.issuer", r.issuerName),
 			attribute.Bool("tokenauthz.forced", forced))
 		defer span.End()
+		var lease *cache.Lease
 		if r.shared != nil {
-			unlock, acquired := r.shared.TryLock(ctx, r.sharedName)
-			if !acquired {
-				if ks := r.waitShared(ctx, have); ks != nil {
-					span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromRedis)))
-					return ks, nil
-				}
-			} else {
-				defer unlock()
-				// The previous holder may have published just before
-				// releasing the lock we now hold.
-				if ks := have(ctx); ks != nil {
-					span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromRedis)))
-					return ks, nil
-				}
+			// A failure another pod published moments ago stands for all.
+			if hf, ok := r.shared.Unavailable(ctx, r.sharedName); ok {
+				r.noteFetch(hf)
+				return nil, hf
 			}
+			// One pod fetches; the others follow it for as long as it
+			// works (bounded by the provider timeout), and take its key
+			// set or its failure.
+		coordinate:
+			for range 3 {
+				l, state := r.shared.Acquire(ctx, r.sharedName)
+				switch state {
+				case cache.Acquired:
+					lease = l
+					// The previous holder may have published just before
+					// releasing the lock we now hold.
+					if ks := have(ctx); ks != nil {
+						lease.Release()
+						span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromRedis)))
+						return ks, nil
+					}
+					break coordinate
+				case cache.Unreachable:
+					break coordinate
+				}
+				var got *keySet
+				err := r.shared.Follow(ctx, r.sharedName, r.cfg.Timeout+time.Second, func() bool { got = have(ctx); return got != nil })
+				var hf *cache.HolderFailed
+				switch {
+				case err == nil:
+					span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromRedis)))
+					return got, nil
+				case errors.As(err, &hf):
+					r.noteFetch(hf)
+					end(span, hf)
+					return nil, hf
+				case errors.Is(err, cache.ErrNoHolder):
+					continue
+				}
+				break coordinate // Redis failed, or the holder outlived the bound: fetch here
+			}
+		}
+		if lease != nil {
+			defer lease.Release()
 		}
 		span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromOrigin)))
 		hctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
@@ -234,6 +264,9 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 		r.noteFetch(err)
 		if err != nil {
 			r.log.Warn("key set fetch failed", "issuer", r.issuer, "error", err)
+			if lease != nil {
+				r.shared.MarkUnavailable(ctx, r.sharedName, err.Error(), cache.UnavailableTTL)
+			}
 			end(span, err)
 			return nil, err
 		}
@@ -297,13 +330,6 @@ func (r *remoteKeys) adoptShared(ctx context.Context) *keySet {
 	}
 	r.install(ks)
 	return ks
-}
-
-// waitShared waits (bounded by lock_wait) for the lock holder's result:
-// until have finds a set.
-func (r *remoteKeys) waitShared(ctx context.Context, have func(context.Context) *keySet) (got *keySet) {
-	r.shared.Await(ctx, func() bool { got = have(ctx); return got != nil })
-	return got
 }
 
 // decodeShared parses a snapshot under this pod's own key rules: what

@@ -151,7 +151,23 @@ func (v *Verifier) Reload(cfgs []IssuerConfig) (*Verifier, error) {
 	return nv, err
 }
 
+// followBound is how long a pod follows another pod's introspection or
+// userinfo call: the slowest endpoint's timeout, plus a margin.
+func followBound(cfgs []IssuerConfig) time.Duration {
+	d := defaultEndpointTimeout
+	for _, c := range cfgs {
+		if c.Introspection != nil {
+			d = max(d, c.Introspection.Timeout)
+		}
+		if c.Userinfo != nil {
+			d = max(d, c.Userinfo.Timeout)
+		}
+	}
+	return d + time.Second
+}
+
 func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, prev *Verifier) (*Verifier, error) {
+	answers.FollowFor(followBound(cfgs))
 	v := &Verifier{tel: tel, byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
 		answers: answers, shared: o.Shared, opts: o}
 	for idx := range cfgs {

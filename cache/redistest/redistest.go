@@ -112,6 +112,13 @@ func (s *Server) Kill() {
 	s.cmd = nil
 }
 
+// Freeze stops the server without ending it (SIGSTOP): connections stay
+// open, commands queue. Thaw resumes it.
+func (s *Server) Freeze() { _ = s.cmd.Process.Signal(syscall.SIGSTOP) }
+
+// Thaw resumes a frozen server (SIGCONT).
+func (s *Server) Thaw() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
+
 // Restart starts a killed server again on the same port, empty.
 func (s *Server) Restart() {
 	s.t.Helper()

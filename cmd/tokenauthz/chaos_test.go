@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -122,7 +123,10 @@ type chaosRig struct {
 	attacker *idptest.Key
 	cfgPath  string
 	cfgText  string
-	client   authv3.AuthorizationClient
+	// clients are the pods: one process each would be closer to life, but
+	// in one test process they share only what pods share, Redis and the
+	// provider.
+	clients []authv3.AuthorizationClient
 
 	mu   sync.Mutex
 	pool []token
@@ -160,11 +164,17 @@ routes:
   - { name: all, match: { path_prefix: / } }
 `, r.rs.Addr(), r.idp.URL(), r.idp.JWKSURL(), r.idp.IntrospectionURL(), secret)
 	writeAtomically(t, r.cfgPath, r.cfgText)
-	cfg, err := loadConfig(r.cfgPath)
-	if err != nil {
-		t.Fatal(err)
+	pods := 3 // CHAOS_PODS overrides
+	if n, err := strconv.Atoi(os.Getenv("CHAOS_PODS")); err == nil && n > 0 {
+		pods = n
 	}
-	r.client = authv3.NewAuthorizationClient(runService(t, cfg, nil, nil, withReload(r.cfgPath, nil)).conn)
+	for range pods {
+		cfg, err := loadConfig(r.cfgPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.clients = append(r.clients, authv3.NewAuthorizationClient(runService(t, cfg, nil, nil, withReload(r.cfgPath, nil)).conn))
+	}
 
 	claims := func(i int) map[string]any {
 		c := r.idp.Claims("api")
@@ -224,7 +234,7 @@ func (r *chaosRig) relabel(match func(token) bool, to truth) {
 func (r *chaosRig) check(tk token) (codes.Code, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	resp, err := r.client.Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+	resp, err := r.clients[mrand.IntN(len(r.clients))].Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{Method: "GET", Path: "/api", Host: "api",
 			Headers: map[string]string{"authorization": "Bearer " + tk.raw}}}}})
 	if err != nil {
@@ -331,6 +341,16 @@ func TestChaos(t *testing.T) {
 		{name: "redis slow (DEBUG SLEEP 1)", inject: func(r *chaosRig) {
 			go func() { _ = r.rs.Client().Do(context.Background(), "DEBUG", "SLEEP", "1").Err() }()
 		}, clear: func(r *chaosRig) {}},
+		{name: "redis frozen (SIGSTOP, then SIGCONT)", inject: func(r *chaosRig) { r.rs.Freeze() }, clear: func(r *chaosRig) {
+			r.rs.Thaw()
+			// No lock taken during the freeze outlives it.
+			c := r.rs.Client()
+			waitFor(r.t, func() bool { return len(c.Keys(context.Background(), "tokenauthz:v1:lock:*").Val()) == 0 })
+		}},
+		{name: "provider slower than lock_wait (400ms)", inject: func(r *chaosRig) {
+			r.idp.SetDelay(400 * time.Millisecond)
+			r.idp.SetJWKSDelay(400 * time.Millisecond)
+		}, clear: func(r *chaosRig) { r.idp.SetDelay(0); r.idp.SetJWKSDelay(0) }},
 		{name: "redis flushed", inject: func(r *chaosRig) { _ = r.rs.Client().FlushAll(context.Background()).Err() }, clear: func(r *chaosRig) {}},
 		{name: "config reload (valid)", inject: func(r *chaosRig) {
 			writeAtomically(r.t, r.cfgPath, r.cfgText+"  - { name: extra, match: { path: /extra } }\n")
@@ -343,7 +363,7 @@ func TestChaos(t *testing.T) {
 			}
 		}, clear: func(r *chaosRig) {
 			r.remove(func(tk token) bool { return tk.opaque && tk.truth == mustDeny && len(tk.raw) == 32 })
-		}, introspectionBound: func(d time.Duration) int64 { return int64(200*d.Seconds()) + 200 + 10 }},
+		}, introspectionBound: func(d time.Duration) int64 { return int64(len(r.clients)) * (int64(200*d.Seconds()) + 200 + 10) }}, // per pod
 		{name: "distinct garbage JWT flood", inject: func(r *chaosRig) {
 			for range 3000 {
 				r.add(token{raw: randomToken() + "." + randomToken() + "." + randomToken(), truth: mustDeny})

@@ -55,8 +55,13 @@ func newReloader(path string, cfg *fileConfig, v *verify.Verifier, srv *authz.Se
 	log *slog.Logger, lv *live, shared *cache.Shared) *reloader {
 	r := &reloader{path: path, log: log, srv: srv, bg: bg, met: met, inUse: cfg, live: lv, shared: shared}
 	r.cur.Store(v)
+	// The file may have changed since cfg was read from it: its digest
+	// counts as in force only if it still says the same, else the first
+	// poll or event reloads it.
 	if data, err := os.ReadFile(path); err == nil {
-		r.digest = digestOf(data, cfg)
+		if now, err := parseConfig(data, path); err == nil && reflect.DeepEqual(now, cfg) {
+			r.digest = digestOf(data, cfg)
+		}
 	}
 	r.setWatched(cfg)
 	return r
@@ -209,6 +214,8 @@ func (r *reloader) watch(ctx context.Context, hup <-chan os.Signal, poll time.Du
 		events = w.Events
 		r.addWatches(w)
 	}
+	// A change made before the watch was set up would wait for the poll.
+	_ = r.reload("watch started", false)
 	tick := time.NewTicker(poll)
 	defer tick.Stop()
 	var settle <-chan time.Time

@@ -241,3 +241,75 @@ func TestReadSettled(t *testing.T) {
 		t.Fatalf("%d reads of a changing file (%v)", n, err)
 	}
 }
+
+// TestRevocationUsesTheIssuersInForce: after a reload that changes an
+// issuer's issuer URL, or adds an issuer, revocations by jti and sub name
+// the issuers of the config in force.
+func TestRevocationUsesTheIssuersInForce(t *testing.T) {
+	k := idptest.NewKey(t, "a", "ES256")
+	jwks, err := json.Marshal(map[string]any{"keys": []any{k.JWK(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	adminFile := filepath.Join(dir, "admin")
+	writeAtomically(t, adminFile, adminToken)
+	conf := func(issuers ...string) string {
+		c := fmt.Sprintf("server: { admin_token_file: %q }\nissuers:\n", adminFile)
+		for i, iss := range issuers {
+			c += fmt.Sprintf("  - { name: i%d, issuer: %q, audiences: [api], jwks: '%s', algorithms: [ES256] }\n", i, iss, jwks)
+		}
+		return c + "routes:\n  - { name: all, match: { path_prefix: / } }\n"
+	}
+	path := filepath.Join(dir, "config.yaml")
+	writeAtomically(t, path, conf("https://old.example"))
+	cfg, err := loadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	base := "http://" + httpLis.Addr().String()
+	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, make(chan os.Signal))).conn)
+	tok := func(iss, jti, sub string) string {
+		return idptest.Mint(t, k, map[string]any{"iss": iss, "aud": "api", "sub": sub, "jti": jti, "iat": time.Now().Unix() - 10,
+			"exp": time.Now().Add(time.Hour).Unix()})
+	}
+	check := func(tok string) codes.Code {
+		resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+			Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
+				Method: "GET", Path: "/x", Host: "api", Headers: map[string]string{"authorization": "Bearer " + tok}}}}})
+		if err != nil {
+			return codes.Internal
+		}
+		return codes.Code(resp.GetStatus().GetCode())
+	}
+	revoke := func(body string) int {
+		req, _ := http.NewRequest(http.MethodPost, base+"/admin/revoke", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+adminToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	// Changed at once, before the watch may even have started: a change
+	// between the first read and the watch is not lost either.
+	writeAtomically(t, path, conf("https://new.example", "https://added.example"))
+	waitFor(t, func() bool { return check(tok("https://added.example", "j0", "u")) == codes.OK })
+	if got := revoke(`{"jti":"j1","issuer":"i0"}`); got != http.StatusOK {
+		t.Fatalf("revoke by jti: %d", got)
+	}
+	if got := revoke(`{"sub":"bob","issuer":"i1"}`); got != http.StatusOK {
+		t.Fatalf("revoke by sub on an added issuer: %d", got)
+	}
+	if check(tok("https://new.example", "j1", "u")) != codes.Unauthenticated {
+		t.Error("a jti revoked after the reload is still allowed")
+	}
+	if check(tok("https://added.example", "j2", "bob")) != codes.Unauthenticated {
+		t.Error("a subject of an issuer added by reload could not be revoked")
+	}
+	if check(tok("https://new.example", "j3", "u")) != codes.OK {
+		t.Error("an unrevoked token was refused")
+	}
+}
