@@ -56,6 +56,14 @@ type Config struct {
 	// ClientCert says where the client certificate comes from, for
 	// certificate-bound tokens (RFC 8705).
 	ClientCert ClientCertConfig `yaml:"client_cert"`
+	// UndecidableResponse is how a check that could not be decided (the
+	// provider unreachable) is answered: "error_response" (default), a
+	// CheckResponse with error_response and 503, which Envoy 1.37 and later
+	// treat as an error (failure_mode_allow and status_on_error apply); or
+	// "grpc_unavailable", a gRPC UNAVAILABLE status, for older Envoys (and
+	// the Istio releases built on them), which turn an error_response into
+	// a 403 and ignore failure_mode_allow.
+	UndecidableResponse string `yaml:"undecidable_response"`
 }
 
 // ClientCertConfig is where a request's client certificate comes from.
@@ -317,6 +325,11 @@ func (c *Config) Validate() []string {
 		}
 	default:
 		bad("client_cert.from", "%q is not peer or header", c.ClientCert.From)
+	}
+	switch c.UndecidableResponse {
+	case "", "error_response", "grpc_unavailable":
+	default:
+		bad("undecidable_response", "%q is not error_response or grpc_unavailable", c.UndecidableResponse)
 	}
 	if h := c.SchemeHeader; h != "" && !headerName.MatchString(h) {
 		bad("scheme_header", "not a lower-case HTTP header name")

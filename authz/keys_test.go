@@ -270,7 +270,11 @@ type decisions struct {
 	list []authz.DecisionInfo
 }
 
-func (d *decisions) Decision(i authz.DecisionInfo) { d.mu.Lock(); d.list = append(d.list, i); d.mu.Unlock() }
+func (d *decisions) Decision(i authz.DecisionInfo) {
+	d.mu.Lock()
+	d.list = append(d.list, i)
+	d.mu.Unlock()
+}
 func (d *decisions) last() (authz.DecisionInfo, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -317,4 +321,24 @@ func TestDecisionLabels(t *testing.T) {
 	if d, _ := obs.last(); d.Reason != "cancelled" || d.Issuer != cfg.Issuers[0].Name {
 		t.Errorf("cancelled check counted as %+v", d)
 	}
+}
+
+// TestUndecidableResponse: by default an undecidable check is an
+// error_response (Envoy 1.37+); with undecidable_response: grpc_unavailable
+// it is a gRPC UNAVAILABLE status, which older Envoys map to
+// status_on_error and failure_mode_allow. Decided denies stay responses.
+func TestUndecidableResponse(t *testing.T) {
+	k1 := idptest.NewKey(t, "k1", "RS256")
+	idp, cfg := remoteFixture(t, verify.KeysConfig{}, k1)
+	idp.SetDown(true)
+	tok := idptest.Mint(t, k1, idp.Claims(aud))
+	denied(t, check(t, start(t, cfg, nil), req{headers: bearer(tok)}), codes.Unavailable, typev3.StatusCode_ServiceUnavailable)
+
+	cfg.UndecidableResponse = "grpc_unavailable"
+	c := start(t, cfg, nil)
+	_, err := c.Check(context.Background(), req{headers: bearer(tok)}.proto())
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("want a gRPC UNAVAILABLE status, got %v", err)
+	}
+	denied(t, check(t, c, req{headers: bearer("garbage")}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
 }

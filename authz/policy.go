@@ -24,6 +24,7 @@ type policy struct {
 	foldRoutes    bool // some route pattern has upper-case or non-ASCII letters
 	clientHeader  string
 	schemeHeader  string
+	grpcErrors    bool                       // undecidable checks answer a gRPC UNAVAILABLE status
 	certHeader    string                     // "" for the peer certificate
 	issuerMeta    map[string]*structpb.Value // issuer name → metadata value
 	meta          struct{ route, issuer, sub, scope bool }
@@ -98,6 +99,7 @@ func compile(c *Config) (p *policy, err error) {
 		maxTokenBytes: c.MaxTokenBytes,
 		clientHeader:  c.ClientAddressHeader,
 		schemeHeader:  c.SchemeHeader,
+		grpcErrors:    c.UndecidableResponse == "grpc_unavailable",
 	}
 	if c.ClientCert.From == "header" {
 		p.certHeader = c.ClientCert.Header
@@ -199,8 +201,10 @@ func compileClaimValues(v any) ([]any, error) {
 			out = append(out, new(big.Float).SetUint64(e))
 		case float64:
 			out = append(out, new(big.Float).SetFloat64(e))
+		case []any:
+			return nil, fmt.Errorf("accepted values are strings, numbers or booleans, not a nested list")
 		default:
-			return nil, fmt.Errorf("accepted values are strings, numbers or booleans, not %T", e)
+			return nil, fmt.Errorf("accepted values are strings, numbers or booleans, not a mapping")
 		}
 	}
 	return out, nil

@@ -14,6 +14,8 @@ import (
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/verify"
@@ -76,8 +78,9 @@ func (s *Server) Swap(cfg *Config, v TokenVerifier) error {
 	return nil
 }
 
-// Check decides one request. It never returns a gRPC error: denials are
-// responses, and so is a recovered panic (denied with 500).
+// Check decides one request. It returns no gRPC error (denials are
+// responses, and so is a recovered panic, denied with 500) unless the
+// config asks for undecidable checks as UNAVAILABLE statuses.
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *authv3.CheckResponse, err error) {
 	start := time.Now()
 	st := s.state.Load()
@@ -96,6 +99,12 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *aut
 		s.report(ctx, span, d, token, time.Since(start))
 	}()
 	d, token = s.decide(ctx, st, req, nil)
+	if d.code == codes.Unavailable && st.pol.grpcErrors {
+		// undecidable_response: grpc_unavailable, for Envoys before 1.37:
+		// a gRPC error is what makes them apply status_on_error and
+		// failure_mode_allow.
+		return nil, status.Error(codes.Unavailable, safeText(d.desc, maxDescBytes))
+	}
 	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()), nil
 }
 

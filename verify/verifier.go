@@ -796,3 +796,83 @@ func tagIssuer(err error, name string) error {
 	c.Issuer = name
 	return &c
 }
+
+// ProbeResult is one endpoint of an issuer reached by Probe.
+type ProbeResult struct {
+	Issuer, What string
+	Err          error
+}
+
+// Probe reaches each issuer's remote endpoints once, in config order, and
+// installs nothing: discovery and the key set (parsed under the issuer's
+// rules), and the introspection and userinfo endpoints' URLs. It is for
+// `validate --reach`: a config can be valid and still point nowhere.
+func (v *Verifier) Probe(ctx context.Context) []ProbeResult {
+	var out []ProbeResult
+	names := make([]string, 0, len(v.byName))
+	for n := range v.byName {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		is := v.byName[n]
+		if r, ok := is.src.(*remoteKeys); ok {
+			ks, err := r.fetch(ctx)
+			what := "key set"
+			if err == nil {
+				what = fmt.Sprintf("key set (%d keys, %d skipped)", len(ks.keys), ks.skipped)
+			}
+			out = append(out, ProbeResult{Issuer: n, What: what, Err: err})
+		}
+		for _, e := range []*endpoint{endpointOf(is.introspection), endpointOfUI(is.userinfo)} {
+			if e == nil {
+				continue
+			}
+			allowHTTP := false
+			if is.introspection != nil && e == is.introspection.endpoint {
+				allowHTTP = is.introspection.cfg.AllowHTTP
+			} else if is.userinfo != nil {
+				allowHTTP = is.userinfo.cfg.AllowHTTP
+			}
+			u, err := e.url(ctx, allowHTTP)
+			if err == nil {
+				err = reach(ctx, e.client, u)
+			}
+			out = append(out, ProbeResult{Issuer: n, What: e.kind + " endpoint " + u, Err: err})
+		}
+	}
+	return out
+}
+
+func endpointOf(in *introspector) *endpoint {
+	if in == nil {
+		return nil
+	}
+	return in.endpoint
+}
+
+func endpointOfUI(ui *userinfoClient) *endpoint {
+	if ui == nil {
+		return nil
+	}
+	return ui.endpoint
+}
+
+// reach makes one request to u without credentials: any HTTP answer (a 401
+// is expected) shows the endpoint is there.
+func reach(ctx context.Context, c *http.Client, u string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	drain(resp)
+	resp.Body.Close()
+	if resp.StatusCode >= 500 {
+		return fmt.Errorf("HTTP %d", resp.StatusCode)
+	}
+	return nil
+}

@@ -5,8 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"reflect"
+	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -64,6 +69,29 @@ type serverConfig struct {
 	// TraceSubject adds the token's sub to decision spans (enduser.id).
 	// Personal data: default false.
 	TraceSubject bool `yaml:"trace_subject"`
+}
+
+// validateAddrs checks the listen addresses: host:port (host may be empty
+// for every interface), unix:///path for gRPC, off for HTTP.
+func (s *serverConfig) validateAddrs() []string {
+	var p []string
+	check := func(key, addr string, unixOK bool) {
+		if unixOK && (strings.HasPrefix(addr, "unix://") || strings.HasPrefix(addr, "unix:")) {
+			if strings.TrimPrefix(strings.TrimPrefix(addr, "unix://"), "unix:") == "" {
+				p = append(p, key+": a unix socket needs a path (unix:///run/tokenauthz.sock)")
+			}
+			return
+		}
+		_, port, err := net.SplitHostPort(addr)
+		if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 0 || n > 65535 {
+			p = append(p, fmt.Sprintf("%s: %q is not host:port (like :9191 or 127.0.0.1:9191)", key, addr))
+		}
+	}
+	check("server.grpc_addr", s.GRPCAddr, true)
+	if s.HTTPAddr != "off" {
+		check("server.http_addr", s.HTTPAddr, false)
+	}
+	return p
 }
 
 func (s *serverConfig) applyDefaults() {
@@ -135,7 +163,9 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 		case errors.As(err, &te):
 			// yaml.v3 decodes what it can and lists every unknown key and
 			// type mismatch, so validation can report its problems too.
-			problems = append(problems, te.Errors...)
+			for _, e := range te.Errors {
+				problems = append(problems, friendlyYAML(e, data))
+			}
 		default:
 			return nil, &configError{file: name, problems: []string{err.Error()}}
 		}
@@ -145,6 +175,7 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 		problems = append(problems, "more than one YAML document")
 	}
 	cfg.Server.applyDefaults()
+	problems = append(problems, cfg.Server.validateAddrs()...)
 	problems = append(problems, cfg.Config.Validate()...)
 	problems = append(problems, cfg.Cache.Validate()...)
 	switch cfg.Server.LogFormat {
@@ -209,4 +240,128 @@ func (c *fileConfig) referencedFiles() []string {
 		add(rc.HMACKeyFile)
 	}
 	return files
+}
+
+// yamlField and yamlUnmarshal match yaml.v3's decode errors, which name Go
+// types; friendlyYAML rewrites them in the config's own terms.
+var (
+	yamlField     = regexp.MustCompile("^line (\\d+): field (\\S+) not found in type (\\S+)$")
+	yamlUnmarshal = regexp.MustCompile("^line (\\d+): cannot unmarshal !!(\\w+) `(.*)` into (\\S+)$")
+)
+
+// friendlyYAML turns "field requierd_claims not found in type
+// verify.IssuerConfig" into "line 7: unknown key requierd_claims (did you
+// mean required_claims?)", and a duration without a unit into a hint.
+func friendlyYAML(msg string, data []byte) string {
+	if m := yamlField.FindStringSubmatch(msg); m != nil {
+		out := fmt.Sprintf("line %s: unknown key %s", m[1], m[2])
+		if s := nearest(m[2], knownKeys()[m[3]]); s != "" {
+			out += fmt.Sprintf(" (did you mean %s?)", s)
+		}
+		return out
+	}
+	if m := yamlUnmarshal.FindStringSubmatch(msg); m != nil {
+		key := keyOnLine(data, m[1], m[3])
+		switch m[4] {
+		case "time.Duration":
+			return fmt.Sprintf("line %s: %s: %q is not a duration: durations need a unit, like 30s, 500ms or 5m", m[1], key, m[3])
+		}
+		want := map[string]string{"bool": "true or false", "int": "a whole number", "uint64": "a whole number",
+			"float64": "a number", "string": "a string"}[m[4]]
+		switch t := strings.TrimPrefix(m[4], "*"); {
+		case want != "":
+		case strings.HasPrefix(t, "[]"):
+			want = "a list"
+		default: // a map, or a section (a Go struct)
+			want = "a mapping (key: value)"
+		}
+		return fmt.Sprintf("line %s: %s: %q is not %s", m[1], key, m[3], want)
+	}
+	return msg
+}
+
+// keyOnLine is the YAML key on a 1-based line whose value is value (in a
+// flow mapping, several keys share the line), for messages.
+func keyOnLine(data []byte, line, value string) string {
+	n, _ := strconv.Atoi(line)
+	lines := strings.Split(string(data), "\n")
+	if n < 1 || n > len(lines) {
+		return "the value"
+	}
+	l := lines[n-1]
+	if m := regexp.MustCompile(`([A-Za-z0-9_.#-]+)\s*:\s*["']?` + regexp.QuoteMeta(value)).FindStringSubmatch(l); m != nil {
+		return m[1]
+	}
+	l = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(l), "- "))
+	if k, _, ok := strings.Cut(l, ":"); ok && !strings.ContainsAny(k, "{[\"'") {
+		return strings.TrimSpace(k)
+	}
+	return "the value"
+}
+
+// knownKeys maps each Go type of the config (as yaml.v3 names it) to its
+// YAML keys.
+var knownKeys = sync.OnceValue(func() map[string][]string {
+	m := map[string][]string{}
+	var walk func(t reflect.Type)
+	walk = func(t reflect.Type) {
+		for t.Kind() == reflect.Pointer || t.Kind() == reflect.Slice || t.Kind() == reflect.Map {
+			t = t.Elem()
+		}
+		if t.Kind() != reflect.Struct || m[t.String()] != nil {
+			return
+		}
+		m[t.String()] = []string{}
+		var add func(t reflect.Type, into string)
+		add = func(t reflect.Type, into string) {
+			for i := range t.NumField() {
+				f := t.Field(i)
+				name, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+				if strings.Contains(opts, "inline") {
+					add(f.Type, into)
+					continue
+				}
+				if name == "" || name == "-" {
+					continue
+				}
+				m[into] = append(m[into], name)
+				walk(f.Type)
+			}
+		}
+		add(t, t.String())
+	}
+	walk(reflect.TypeFor[fileConfig]())
+	return m
+})
+
+// nearest is the known key closest to key (edit distance at most 2, or a
+// third of its length), or "".
+func nearest(key string, known []string) string {
+	best, bestD := "", min(2, len(key)/3)+1
+	for _, k := range known {
+		if d := editDistance(key, k); d < bestD {
+			best, bestD = k, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }

@@ -45,6 +45,10 @@ func explain(o checkOptions, stdout, stderr io.Writer) int {
 		return 2
 	}
 	tok := o.token
+	if o.token != "" && o.tokenFile != "" {
+		fmt.Fprintln(stderr, "check: give --token or --token-file, not both")
+		return 2
+	}
 	if o.tokenFile != "" {
 		b, err := os.ReadFile(o.tokenFile)
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/deploy"
+	"github.com/tokenauthz/tokenauthz/verify"
 )
 
 const usage = `tokenauthz: an Envoy ext_authz service that verifies bearer tokens locally.
@@ -61,22 +63,47 @@ func cli(args []string, stdout, stderr io.Writer) int {
 	switch cmd {
 	case "serve":
 		config := fs.String("config", "", "configuration file (default: the embedded demo config)")
-		if fs.Parse(args) != nil {
-			return 2
+		grpcAddr := fs.String("grpc-addr", os.Getenv("TOKENAUTHZ_GRPC_ADDR"), "listen address for Check, over the config's server.grpc_addr ($TOKENAUTHZ_GRPC_ADDR)")
+		httpAddr := fs.String("http-addr", os.Getenv("TOKENAUTHZ_HTTP_ADDR"), "listen address for health and metrics, over server.http_addr; off disables ($TOKENAUTHZ_HTTP_ADDR)")
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
 		}
-		return serve(*config, stderr)
+		return serve(*config, *grpcAddr, *httpAddr, stdout, stderr)
 	case "validate":
 		config := fs.String("config", "", "configuration file")
-		if fs.Parse(args) != nil {
-			return 2
+		reach := fs.Bool("reach", false, "also reach each issuer once (discovery, key set, introspection and userinfo endpoints)")
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
 		}
 		if *config == "" {
 			fmt.Fprintln(stderr, "validate: --config is required")
 			return 2
 		}
-		if _, err := loadConfig(*config); err != nil {
+		cfg, err := loadConfig(*config)
+		if err != nil {
 			fmt.Fprintln(stderr, err)
 			return 1
+		}
+		if *reach {
+			v, err := verify.New(cfg.Issuers, verify.Options{})
+			if err != nil {
+				fmt.Fprintln(stderr, err)
+				return 1
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			failed := false
+			for _, r := range v.Probe(ctx) {
+				if r.Err != nil {
+					failed = true
+					fmt.Fprintf(stderr, "issuers: %s: %s: %v\n", r.Issuer, r.What, r.Err)
+				} else {
+					fmt.Fprintf(stdout, "issuers: %s: %s: ok\n", r.Issuer, r.What)
+				}
+			}
+			if failed {
+				return 1
+			}
 		}
 		fmt.Fprintf(stdout, "%s: ok\n", *config)
 		return 0
@@ -86,8 +113,8 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		email := fs.String("email", "alice@example.com", "email claim (empty: none)")
 		ttl := fs.Duration("ttl", time.Hour, "lifetime")
 		bindKey := fs.String("bind-key", "", "bind the token to this DPoP key (a private JWK file; made if missing)")
-		if fs.Parse(args) != nil {
-			return 2
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
 		}
 		tok, err := demoToken(*sub, *scope, *email, *ttl, *bindKey)
 		if err != nil {
@@ -104,8 +131,8 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		fs.StringVar(&o.token, "token", "", "the access token the proof goes with (ath)")
 		fs.StringVar(&o.tokenFile, "token-file", "", "a file holding the access token")
 		fs.StringVar(&o.nonce, "nonce", "", "the server's DPoP-Nonce, when it asked for one")
-		if fs.Parse(args) != nil {
-			return 2
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
 		}
 		proof, err := dpopProof(o)
 		if err != nil {
@@ -124,8 +151,8 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		fs.StringVar(&o.host, "host", "localhost", "host (:authority)")
 		fs.StringVar(&o.route, "route", "", "a route name, as Envoy's context_extensions would give it")
 		fs.Var(o.headers, "header", "a request header name=value (repeatable)")
-		if fs.Parse(args) != nil {
-			return 2
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
 		}
 		return explain(o, stdout, stderr)
 	case "revoke":
@@ -138,8 +165,8 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		fs.StringVar(&o.req.Sub, "sub", "", "a subject whose tokens issued until now are revoked (with --issuer)")
 		fs.StringVar(&o.req.Issuer, "issuer", "", "issuer name, as in the config")
 		fs.StringVar(&o.req.TTL, "ttl", "", "how long the revocation is kept (default: the server's revocation_ttl)")
-		if fs.Parse(args) != nil {
-			return 2
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
 		}
 		return revoke(o, stdout, stderr)
 	case "version", "--version":
@@ -153,10 +180,37 @@ func cli(args []string, stdout, stderr io.Writer) int {
 	return 2
 }
 
-func serve(path string, stderr io.Writer) int {
+// parseFlags parses a command's flags: --help prints them and exits 0, a
+// bad flag exits 2, and so do stray arguments (a flag after them would be
+// ignored silently).
+func parseFlags(fs *flag.FlagSet, args []string) (int, bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, false
+		}
+		return 2, false
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(fs.Output(), "%s: unexpected argument %q (flags are --name value)\n", fs.Name(), fs.Arg(0))
+		return 2, false
+	}
+	return 0, true
+}
+
+func serve(path, grpcAddr, httpAddr string, stdout, stderr io.Writer) int {
 	cfg, err := loadConfig(path)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	if grpcAddr != "" {
+		cfg.Server.GRPCAddr = grpcAddr
+	}
+	if httpAddr != "" {
+		cfg.Server.HTTPAddr = httpAddr
+	}
+	for _, p := range cfg.Server.validateAddrs() {
+		fmt.Fprintln(stderr, p)
 		return 1
 	}
 	log := newLogger(cfg.Server.LogFormat, cfg.Server.LogLevel)
@@ -165,15 +219,18 @@ func serve(path string, stderr io.Writer) int {
 	}
 	grpcLis, err := listen(cfg.Server.GRPCAddr)
 	if err != nil {
-		fmt.Fprintln(stderr, err)
+		fmt.Fprintln(stderr, listenError("server.grpc_addr", "--grpc-addr", cfg.Server.GRPCAddr, err))
 		return 1
 	}
 	var httpLis net.Listener
 	if cfg.Server.HTTPAddr != "off" {
 		if httpLis, err = net.Listen("tcp", cfg.Server.HTTPAddr); err != nil {
-			fmt.Fprintln(stderr, err)
+			fmt.Fprintln(stderr, listenError("server.http_addr", "--http-addr", cfg.Server.HTTPAddr, err))
 			return 1
 		}
+	}
+	if path == "" {
+		demoHint(stdout, grpcLis.Addr().String())
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
@@ -189,6 +246,36 @@ func serve(path string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// listenError says what to do when an address cannot be had.
+func listenError(key, flagName, addr string, err error) string {
+	msg := fmt.Sprintf("cannot listen on %s (%s): %v", addr, key, err)
+	if errors.Is(err, syscall.EADDRINUSE) {
+		msg += fmt.Sprintf("\nthe port is taken (another tokenauthz?): stop that process, or choose another address with %s HOST:PORT"+
+			" (or set %s in the config; 127.0.0.1:0 picks a free port)", flagName, key)
+	}
+	return msg
+}
+
+// demoHint prints, on the demo config, a demo token and a grpcurl line
+// that gets the first allow.
+func demoHint(w io.Writer, grpcAddr string) {
+	tok, err := demoToken("alice", "read", "alice@example.com", time.Hour, "")
+	if err != nil {
+		return
+	}
+	fmt.Fprintf(w, `
+tokenauthz is running on the DEMO config (never deploy it). Check is on %[1]s.
+A demo token (sub alice, scope read, valid 1h):
+
+  %[2]s
+
+The first allow, from another shell (go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4):
+
+  grpcurl -plaintext -d '{"attributes":{"request":{"http":{"method":"GET","path":"/orders/1","host":"api.example.com","headers":{"authorization":"Bearer %[2]s"}}}}}' %[1]s envoy.service.auth.v3.Authorization/Check
+
+`, grpcAddr, tok)
 }
 
 // demoToken signs a token with the demo key for the demo config's issuer and
@@ -249,6 +336,10 @@ func version() string {
 	return "tokenauthz " + v
 }
 
+// flagNames puts the CLI's flags for the admin API's field names in its
+// error messages.
+var flagNames = strings.NewReplacer("token_sha256", "--token-sha256", "issuer:", "--issuer:", "ttl:", "--ttl:")
+
 type revokeOptions struct {
 	admin, adminTokenFile, token string
 	req                          revokeRequest
@@ -260,17 +351,34 @@ func revoke(o revokeOptions, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "revoke: an admin token is needed (--admin-token-file or $TOKENAUTHZ_ADMIN_TOKEN):", err)
 		return 2
 	}
-	if o.token != "" {
-		if o.req.TokenSHA256 != "" {
-			fmt.Fprintln(stderr, "revoke: --token and --token-sha256 exclude each other")
-			return 2
+	set := 0
+	for _, v := range []string{o.token, o.req.TokenSHA256, o.req.JTI, o.req.Sub} {
+		if v != "" {
+			set++
 		}
+	}
+	switch {
+	case set != 1:
+		fmt.Fprintln(stderr, "revoke: give exactly one of --token, --token-sha256, --jti, --sub")
+		return 2
+	case (o.req.JTI != "" || o.req.Sub != "") && o.req.Issuer == "":
+		fmt.Fprintln(stderr, "revoke: --jti and --sub need --issuer (the issuer's name in the config)")
+		return 2
+	case o.req.Issuer != "" && o.req.JTI == "" && o.req.Sub == "":
+		fmt.Fprintln(stderr, "revoke: --issuer goes with --jti or --sub")
+		return 2
+	}
+	if o.token != "" {
 		o.req.TokenSHA256 = cache.Hash(strings.TrimPrefix(o.token, "Bearer "))
+	}
+	admin := o.admin
+	if !strings.Contains(admin, "://") {
+		admin = "http://" + admin // host:port, as --admin is usually given
 	}
 	body, _ := json.Marshal(o.req)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(o.admin, "/")+"/admin/revoke", bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(admin, "/")+"/admin/revoke", bytes.NewReader(body))
 	if err != nil {
 		fmt.Fprintln(stderr, "revoke:", err)
 		return 2
@@ -285,7 +393,14 @@ func revoke(o revokeOptions, stdout, stderr io.Writer) int {
 	defer resp.Body.Close()
 	out, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode != http.StatusOK {
-		fmt.Fprintf(stderr, "revoke: HTTP %d: %s", resp.StatusCode, out)
+		var e struct {
+			Error string `json:"error"`
+		}
+		msg := strings.TrimSpace(string(out))
+		if json.Unmarshal(out, &e) == nil && e.Error != "" {
+			msg = flagNames.Replace(e.Error)
+		}
+		fmt.Fprintf(stderr, "revoke: HTTP %d from %s: %s\n", resp.StatusCode, admin, msg)
 		return 1
 	}
 	fmt.Fprintf(stdout, "%s", out)

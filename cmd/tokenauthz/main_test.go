@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,6 +20,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection/grpc_reflection_v1"
+
+	"github.com/tokenauthz/tokenauthz/deploy"
 )
 
 func TestValidateNamesEveryProblem(t *testing.T) {
@@ -30,6 +33,8 @@ issuers:
     jwks_uri: http://issuer.example/jwks
     algoritms: [RS256]
     leeway: 10m
+    requierd_claims: [sub]
+    keys: { timeout: 5 }
 routes:
   - { name: admin, match: { path_prefix: admin }, issuers: [nope], claims: { stt: {a: 1} } }
 headers: { X-User: sub, authorization: sub }
@@ -45,7 +50,9 @@ headers: { X-User: sub, authorization: sub }
 	out := stderr.String()
 	for _, want := range []string{
 		path,
-		"line 7: field algoritms not found",
+		"line 7: unknown key algoritms (did you mean algorithms?)",
+		"line 9: unknown key requierd_claims (did you mean required_claims?)",
+		`line 10: timeout: "5" is not a duration: durations need a unit`,
 		"issuers[0].audiences: required",
 		"issuers[0].jwks_uri: \"http://issuer.example/jwks\" is plain http",
 		"issuers[0].algorithms: required",
@@ -60,6 +67,9 @@ headers: { X-User: sub, authorization: sub }
 		if !strings.Contains(out, want) {
 			t.Errorf("validate output lacks %q:\n%s", want, out)
 		}
+	}
+	if strings.Contains(out, "verify.") || strings.Contains(out, "main.") || strings.Contains(out, "time.Duration") {
+		t.Errorf("validate names Go types:\n%s", out)
 	}
 
 	if code := cli([]string{"validate", "--config", filepath.Join(t.TempDir(), "missing.yaml")}, &stdout, &stderr); code != 1 {
@@ -80,7 +90,7 @@ func TestServeRefusesInvalidConfig(t *testing.T) {
 	if code := cli([]string{"serve", "--config", path}, io.Discard, &stderr); code != 1 {
 		t.Fatalf("serve on an invalid config: exit %d", code)
 	}
-	if !strings.Contains(stderr.String(), "field unknown not found") {
+	if !strings.Contains(stderr.String(), "unknown key unknown") {
 		t.Errorf("stderr: %s", stderr.String())
 	}
 }
@@ -290,5 +300,63 @@ func TestDemoDPoP(t *testing.T) {
 	cli([]string{"demo-token"}, &out, io.Discard)
 	if got := check("Bearer "+strings.TrimSpace(out.String()), ""); got != codes.Unauthenticated {
 		t.Errorf("an unbound token on /payments: %v", got)
+	}
+}
+
+// TestCLIRoughEdges: --help exits 0 everywhere; flag errors name flags;
+// listen addresses are checked and a taken port says what to do.
+func TestCLIRoughEdges(t *testing.T) {
+	for _, cmd := range []string{"serve", "validate", "demo-token", "dpop-proof", "check", "revoke"} {
+		var out, errOut bytes.Buffer
+		if code := cli([]string{cmd, "--help"}, &out, &errOut); code != 0 {
+			t.Errorf("%s --help: exit %d", cmd, code)
+		}
+		if !strings.Contains(errOut.String()+out.String(), "-") {
+			t.Errorf("%s --help printed no flags", cmd)
+		}
+	}
+	run := func(args ...string) (int, string) {
+		var out, errOut bytes.Buffer
+		code := cli(args, &out, &errOut)
+		return code, out.String() + errOut.String()
+	}
+	// check: both --token and --token-file.
+	tf := filepath.Join(t.TempDir(), "tok")
+	_ = os.WriteFile(tf, []byte("x"), 0o600)
+	if code, out := run("check", "--token", "x", "--token-file", tf); code != 2 || !strings.Contains(out, "not both") {
+		t.Errorf("check with --token and --token-file: %d %q", code, out)
+	}
+	// revoke: flag names, and an admin address without a scheme.
+	t.Setenv("TOKENAUTHZ_ADMIN_TOKEN", adminToken)
+	if code, out := run("revoke", "--jti", "j1"); code != 2 || !strings.Contains(out, "--issuer") {
+		t.Errorf("revoke --jti without --issuer: %d %q", code, out)
+	}
+	if code, out := run("revoke", "--token", "a", "--sub", "b", "--issuer", "main"); code != 2 || !strings.Contains(out, "exactly one of --token") {
+		t.Errorf("revoke with two targets: %d %q", code, out)
+	}
+	var got string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got = r.URL.Path
+		w.WriteHeader(400)
+		_, _ = w.Write([]byte(`{"error":"token_sha256: 64 lower-case hex digits (sha256sum of the token)"}`))
+	}))
+	defer srv.Close()
+	code, out := run("revoke", "--admin", strings.TrimPrefix(srv.URL, "http://"), "--token-sha256", "zz")
+	if code != 1 || got != "/admin/revoke" || !strings.Contains(out, "--token-sha256: 64") || strings.Contains(out, "token_sha256") {
+		t.Errorf("revoke without a scheme, server error: %d %q (path %q)", code, out, got)
+	}
+	// Listen addresses.
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	_ = os.WriteFile(bad, []byte(strings.Replace(string(deploy.DemoConfig), "grpc_addr: 127.0.0.1:9191", "grpc_addr: 127.0.0.1", 1)), 0o600)
+	if code, out := run("validate", "--config", bad); code != 1 || !strings.Contains(out, "server.grpc_addr") {
+		t.Errorf("validate with a bad listen address: %d %q", code, out)
+	}
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	if code, out := run("serve", "--grpc-addr", taken.Addr().String()); code != 1 || !strings.Contains(out, "port is taken") || !strings.Contains(out, "--grpc-addr") {
+		t.Errorf("serve on a taken port: %d %q", code, out)
 	}
 }

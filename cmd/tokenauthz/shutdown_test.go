@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/tokenauthz/tokenauthz/verify/idptest"
 )
@@ -179,5 +180,58 @@ routes:
 	}
 	if !strings.Contains(logs.String(), `"msg":"stopped"`) {
 		t.Errorf("no orderly stop in the logs:\n%s", logs)
+	}
+}
+
+// TestServeDemoPrintsFirstAllow: `serve` on the demo config (here on free
+// ports) prints a demo token and a grpcurl line whose request is allowed.
+func TestServeDemoPrintsFirstAllow(t *testing.T) {
+	argv, _ := json.Marshal([]string{"serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"})
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "TOKENAUTHZ_RUN_AS_MAIN="+string(argv))
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	line := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 64<<10), 64<<10)
+		for sc.Scan() {
+			if l := strings.TrimSpace(sc.Text()); strings.HasPrefix(l, "grpcurl ") {
+				line <- l
+				return
+			}
+		}
+	}()
+	var grpcurl string
+	select {
+	case grpcurl = <-line:
+	case <-time.After(20 * time.Second):
+		t.Fatal("serve on the demo config printed no grpcurl line")
+	}
+	// grpcurl -plaintext -d '<json>' <addr> <method>
+	body := grpcurl[strings.Index(grpcurl, "'")+1 : strings.LastIndex(grpcurl, "'")]
+	fields := strings.Fields(grpcurl[strings.LastIndex(grpcurl, "'")+1:])
+	var req authv3.CheckRequest
+	if err := protojson.Unmarshal([]byte(body), &req); err != nil {
+		t.Fatalf("the printed request does not parse: %v\n%s", err, grpcurl)
+	}
+	conn, err := grpc.NewClient(fields[0], grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var resp *authv3.CheckResponse
+	waitFor(t, func() bool {
+		resp, err = authv3.NewAuthorizationClient(conn).Check(context.Background(), &req)
+		return err == nil
+	})
+	if resp.GetStatus().GetCode() != 0 {
+		t.Fatalf("the printed request was denied: %v", resp)
 	}
 }
