@@ -381,3 +381,26 @@ func compileWhen(w WhenRule) (*celExpr, error) {
 	}
 	return compileCEL(w.CEL, cel.BoolType)
 }
+
+// WithDefaults is c with every unset setting at its default, issuers
+// included: what the effective config log shows.
+func (c Config) WithDefaults() Config {
+	if c.Realm == "" {
+		c.Realm = defaultRealm
+	}
+	if c.MaxTokenBytes == 0 {
+		c.MaxTokenBytes = defaultMaxTokenBytes
+	}
+	if c.UndecidableResponse == "" {
+		c.UndecidableResponse = "error_response"
+	}
+	if c.ClientCert.From == "" {
+		c.ClientCert.From = "peer"
+	}
+	issuers := make([]verify.IssuerConfig, len(c.Issuers))
+	for i, is := range c.Issuers {
+		issuers[i] = is.WithDefaults()
+	}
+	c.Issuers = issuers
+	return c
+}

@@ -85,7 +85,7 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *aut
 	start := time.Now()
 	st := s.state.Load()
 	h := req.GetAttributes().GetRequest().GetHttp()
-	ctx, span := s.obs.startSpan(ctx, h)
+	ctx, span, linked := s.obs.startSpan(ctx, h)
 	var (
 		d     *decision
 		token string
@@ -96,7 +96,7 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *aut
 			d = errInternal()
 			resp, err = d.response(st.pol, nil, nil), nil
 		}
-		s.report(ctx, span, d, token, time.Since(start))
+		s.report(ctx, span, linked, d, token, time.Since(start))
 	}()
 	d, token = s.decide(ctx, st, req, nil)
 	if d.code == codes.Unavailable && st.pol.grpcErrors {
@@ -135,7 +135,7 @@ func answerNote(r *verify.Result) string {
 
 // report ends the decision's span, counts it and logs it: every deny, and
 // the configured fraction of allows.
-func (s *Server) report(ctx context.Context, span trace.Span, d *decision, token string, took time.Duration) {
+func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanContext, d *decision, token string, took time.Duration) {
 	info := d.info(took)
 	s.obs.endSpan(span, d, info)
 	s.obs.Observer.Decision(info)
@@ -154,6 +154,9 @@ func (s *Server) report(ctx context.Context, span trace.Span, d *decision, token
 	}
 	if sc := span.SpanContext(); sc.HasTraceID() {
 		attrs = append(attrs, slog.String("trace_id", sc.TraceID().String()))
+	}
+	if linked.IsValid() {
+		attrs = append(attrs, slog.String("request_trace_id", linked.TraceID().String()))
 	}
 	if token != "" {
 		attrs = append(attrs, slog.String("token_hash", TokenHash(token)))

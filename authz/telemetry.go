@@ -68,27 +68,38 @@ func (s *Server) Observe(o Observability) {
 }
 
 // startSpan opens the decision span. Its parent is the trace context Envoy
-// put in the call's gRPC metadata (the otelgrpc server span continues it);
-// when the metadata carries none, the request's own traceparent or b3
-// headers inside the CheckRequest, with a link to the gRPC server span.
+// put in the call's gRPC metadata (the otelgrpc server span continues it;
+// without that handler the metadata's context is the direct parent).
 //
-// Without the otelgrpc handler (serve installs it only when exporting) the
-// metadata's context is the direct parent.
-func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContext_HttpRequest) (context.Context, trace.Span) {
-	parent := ctx
-	var opts []trace.SpanStartOption
+// When the metadata carries none, the span belongs to the call's own trace
+// (under the gRPC server span, or as a root) and links to the request's
+// traceparent or b3 context: parenting it there would put it in a trace
+// nobody else records (Envoy sent no context) or one the request marked not
+// sampled, where it would be dropped; as it is, every check exports its
+// spans, and none is an orphan.
+//
+// linked is the request's context when the span links to it (invalid
+// otherwise), for the decision log.
+func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContext_HttpRequest) (_ context.Context, _ trace.Span, linked trace.SpanContext) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
+		parent := ctx
 		if !trace.SpanContextFromContext(ctx).IsValid() {
 			parent = mctx // no gRPC server span to continue: Envoy's span is the parent
 		}
-	} else if hctx := o.Propagator.Extract(ctx, requestCarrier{h}); trace.SpanContextFromContext(hctx).IsRemote() {
-		parent = hctx
-		if local := trace.SpanContextFromContext(ctx); local.IsValid() {
-			opts = append(opts, trace.WithLinks(trace.Link{SpanContext: local}))
-		}
+		ctx, span := o.tracer.Start(parent, "tokenauthz.check")
+		return ctx, span, linked
 	}
-	return o.tracer.Start(parent, "tokenauthz.check", opts...)
+	var opts []trace.SpanStartOption
+	if linked = trace.SpanContextFromContext(o.Propagator.Extract(context.Background(), requestCarrier{h})); linked.IsValid() {
+		opts = append(opts, trace.WithLinks(trace.Link{SpanContext: linked,
+			Attributes: []attribute.KeyValue{attribute.String("tokenauthz.link", "request")}}))
+	}
+	if !trace.SpanContextFromContext(ctx).IsValid() {
+		opts = append(opts, trace.WithNewRoot())
+	}
+	ctx, span := o.tracer.Start(ctx, "tokenauthz.check", opts...)
+	return ctx, span, linked
 }
 
 func (o *Observability) endSpan(span trace.Span, d *decision, info DecisionInfo) {

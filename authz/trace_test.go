@@ -155,36 +155,65 @@ func TestDecisionSpanContinuesEnvoysTraceFromMetadata(t *testing.T) {
 	assertNoSecretsInSpans(t, rec, tok, "user-1")
 }
 
-func TestDecisionSpanParentFromRequestHeaders(t *testing.T) {
+// linkedDecisionSpan finds the one decision span that links to traceID.
+func linkedDecisionSpan(t *testing.T, rec *tracetest.SpanRecorder, traceID string) sdktrace.ReadOnlySpan {
+	t.Helper()
+	var found []sdktrace.ReadOnlySpan
+	for _, s := range rec.Ended() {
+		for _, l := range s.Links() {
+			if s.Name() == "tokenauthz.check" && l.SpanContext.TraceID().String() == traceID {
+				found = append(found, s)
+			}
+		}
+	}
+	if len(found) != 1 {
+		t.Fatalf("%d decision spans link to trace %s", len(found), traceID)
+	}
+	return found[0]
+}
+
+// TestDecisionSpanLinksTheRequestsTrace: with no trace context in the gRPC
+// metadata, the decision span stays in the call's own trace, under the gRPC
+// server span (a root), and links to the request's traceparent or b3
+// context; so it is exported even when the request's context says not
+// sampled, and no span lands in a trace nobody else records.
+func TestDecisionSpanLinksTheRequestsTrace(t *testing.T) {
 	f, c, rec := tracedFixture(t)
 	jwt := f.jwt(t)
-	// No trace context in the metadata: the request's traceparent is used.
-	_, err := c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt,
-		"traceparent": "00-" + envoyTrace + "-" + envoySpan + "-01"}}.proto())
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := decisionSpan(t, rec, envoyTrace)
-	if d.Parent().SpanID().String() != envoySpan || !d.Parent().IsRemote() {
-		t.Fatalf("parent %v, want the request's span %s", d.Parent(), envoySpan)
-	}
-	if len(d.Links()) != 1 || d.Links()[0].SpanContext.TraceID().String() == envoyTrace {
-		t.Errorf("the decision span should link to the gRPC server span of its own trace: %v", d.Links())
+	for flags, tr := range map[string]string{"01": strings.Repeat("1", 32), "00": strings.Repeat("d", 32)} { // sampled, and not
+		_, err := c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt,
+			"traceparent": "00-" + tr + "-" + envoySpan + "-" + flags}}.proto())
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := linkedDecisionSpan(t, rec, tr)
+		if d.SpanContext().TraceID().String() == tr || !d.Parent().IsValid() || d.Parent().IsRemote() {
+			t.Fatalf("flags %s: the decision span should be under the local gRPC server span: parent %v", flags, d.Parent())
+		}
+		var server sdktrace.ReadOnlySpan
+		for _, s := range rec.Ended() {
+			if s.SpanContext().SpanID() == d.Parent().SpanID() {
+				server = s
+			}
+		}
+		if server == nil || server.Parent().IsValid() {
+			t.Fatalf("flags %s: the gRPC server span is not an exported root", flags)
+		}
 	}
 	// B3 multiple headers, as an Istio sidecar sends them.
 	b3Trace := strings.Repeat("b", 32)
-	_, err = c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt,
+	_, err := c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt,
 		"x-b3-traceid": b3Trace, "x-b3-spanid": "1234567890abcdef", "x-b3-sampled": "1"}}.proto())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d := decisionSpan(t, rec, b3Trace); d.Parent().SpanID().String() != "1234567890abcdef" {
-		t.Fatalf("b3 parent %v", d.Parent())
+	if l := linkedDecisionSpan(t, rec, b3Trace).Links()[0]; l.SpanContext.SpanID().String() != "1234567890abcdef" {
+		t.Fatalf("b3 link %v", l.SpanContext)
 	}
 	// A deny carries its reason.
 	_, _ = c.Check(context.Background(), req{headers: map[string]string{"authorization": "Bearer " + jwt + "x",
 		"traceparent": "00-" + strings.Repeat("c", 32) + "-" + envoySpan + "-01"}}.proto())
-	deny := decisionSpan(t, rec, strings.Repeat("c", 32))
+	deny := linkedDecisionSpan(t, rec, strings.Repeat("c", 32))
 	if attr(deny, "tokenauthz.decision") != "deny" || attr(deny, "http.response.status_code") != "401" || attr(deny, "tokenauthz.reason") == "" {
 		t.Errorf("deny span attributes %v", deny.Attributes())
 	}

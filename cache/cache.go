@@ -297,3 +297,22 @@ type Stats struct {
 func (c *Cache[V]) Stats() Stats {
 	return Stats{Hits: c.hits.Load(), Misses: c.misses.Load(), Loads: c.loads.Load(), Entries: c.mem.EstimatedSize()}
 }
+
+// WithDefaults is c with every unset setting at its default: what the
+// effective config log shows.
+func (c Config) WithDefaults() Config {
+	if c.MaxBytes == 0 {
+		c.MaxBytes = DefaultMaxBytes
+	}
+	if c.VerifiedTokens.MaxBytes == 0 {
+		c.VerifiedTokens.MaxBytes = 32 << 20
+	}
+	if c.VerifiedTokens.MaxTTL <= 0 {
+		c.VerifiedTokens.MaxTTL = 10 * time.Minute
+	}
+	if c.Redis != nil {
+		r := c.Redis.withDefaults()
+		c.Redis = &r
+	}
+	return c
+}

@@ -430,3 +430,57 @@ func isLoopback(host string) bool {
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
 }
+
+// WithDefaults is c with every unset setting at its default, as the
+// verifier applies them: what the effective config log shows.
+func (c IssuerConfig) WithDefaults() IssuerConfig {
+	l := c.leeway()
+	c.Leeway = &l
+	c.Keys = c.Keys.withDefaults()
+	durOrDefault := func(d *time.Duration, def time.Duration) *time.Duration {
+		v := durOr(d, def)
+		return &v
+	}
+	if in := c.Introspection; in != nil {
+		cp := *in
+		if cp.AuthMethod == "" {
+			cp.AuthMethod = "client_secret_basic"
+		}
+		if cp.Timeout <= 0 {
+			cp.Timeout = defaultEndpointTimeout
+		}
+		if cp.MaxResponseBytes <= 0 {
+			cp.MaxResponseBytes = defaultEndpointMaxBytes
+		}
+		cp.CacheTTL, cp.NegativeCacheTTL = durOrDefault(cp.CacheTTL, defaultCacheTTL), durOrDefault(cp.NegativeCacheTTL, defaultNegativeCacheTTL)
+		if cp.MaxCallsPerSecond == 0 {
+			cp.MaxCallsPerSecond = defaultMaxCallsPerSecond
+		}
+		if cp.MaxCallsPerClientPerSecond == 0 && cp.MaxCallsPerSecond > 0 {
+			cp.MaxCallsPerClientPerSecond = max(1, cp.MaxCallsPerSecond/10)
+		}
+		c.Introspection = &cp
+	}
+	if ui := c.Userinfo; ui != nil {
+		cp := *ui
+		if cp.Timeout <= 0 {
+			cp.Timeout = defaultEndpointTimeout
+		}
+		if cp.MaxResponseBytes <= 0 {
+			cp.MaxResponseBytes = defaultEndpointMaxBytes
+		}
+		cp.CacheTTL, cp.NegativeCacheTTL = durOrDefault(cp.CacheTTL, defaultCacheTTL), durOrDefault(cp.NegativeCacheTTL, defaultNegativeCacheTTL)
+		c.Userinfo = &cp
+	}
+	if d := c.DPoP; d != nil {
+		cp := *d
+		if len(cp.Algorithms) == 0 {
+			cp.Algorithms = defaultDPoPAlgorithms
+		}
+		if cp.MaxAge == 0 {
+			cp.MaxAge = defaultDPoPMaxAge
+		}
+		c.DPoP = &cp
+	}
+	return c
+}

@@ -365,3 +365,12 @@ func editDistance(a, b string) int {
 	}
 	return prev[len(b)]
 }
+
+// withDefaults is the config with every unset setting at the default in
+// force (server defaults are applied when it is parsed).
+func (c *fileConfig) withDefaults() *fileConfig {
+	e := *c
+	e.Config = c.Config.WithDefaults()
+	e.Cache = c.Cache.WithDefaults()
+	return &e
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -358,5 +359,28 @@ func TestCLIRoughEdges(t *testing.T) {
 	defer taken.Close()
 	if code, out := run("serve", "--grpc-addr", taken.Addr().String()); code != 1 || !strings.Contains(out, "port is taken") || !strings.Contains(out, "--grpc-addr") {
 		t.Errorf("serve on a taken port: %d %q", code, out)
+	}
+}
+
+// TestEffectiveConfigShowsDefaults: the start-up log shows the defaults in
+// force, not zero values.
+func TestEffectiveConfigShowsDefaults(t *testing.T) {
+	cfg, err := loadConfig("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	logEffectiveConfig(slog.New(slog.NewJSONHandler(&buf, nil)), cfg)
+	out := buf.String()
+	for _, want := range []string{`"realm":"tokenauthz"`, `"timeout":"5s"`, `"max_bytes":67108864`, `"leeway":"30s"`,
+		`"max_token_bytes":8192`, `"undecidable_response":"error_response"`, `"max_age":"1m0s"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("effective config lacks %s:\n%s", want, out)
+		}
+	}
+	for _, zero := range []string{`"realm":""`, `"timeout":"0s"`, `"max_bytes":0`} {
+		if strings.Contains(out, zero) {
+			t.Errorf("effective config shows %s", zero)
+		}
 	}
 }

@@ -20,6 +20,7 @@ import (
 	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/verify/idptest"
@@ -118,6 +119,28 @@ routes:
 	}
 	if fams["go_goroutines"] == nil || fams["process_resident_memory_bytes"] == nil {
 		t.Error("no Go runtime or process metrics")
+	}
+	// Every result of config reloads is there from the start; build info
+	// carries the bare version.
+	if f := fams["tokenauthz_config_reloads_total"]; f == nil || len(f.GetMetric()) != 2 {
+		t.Errorf("tokenauthz_config_reloads_total at start: %v", f)
+	}
+	for _, m := range fams["tokenauthz_build_info"].GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "version" && (l.GetValue() == "" || strings.Contains(l.GetValue(), "tokenauthz")) {
+				t.Errorf("build info version %q", l.GetValue())
+			}
+		}
+	}
+	// Every metric served is in the README's table.
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name := range fams {
+		if strings.HasPrefix(name, "tokenauthz_") && !strings.Contains(string(readme), strings.TrimSuffix(name, "_total")) {
+			t.Errorf("%s is not in the README's metrics table", name)
+		}
 	}
 	// No label may carry a subject, a token or a path.
 	for name, f := range fams {
@@ -300,10 +323,11 @@ routes:
 	}
 	svc := runService(t, cfg, nil, nil)
 	traceID := "4bf92f3577b34da6a3ce929d0e0e4736"
-	resp, err := authv3.NewAuthorizationClient(svc.conn).Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+	// Envoy sends its trace context in the call's metadata.
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "traceparent", "00-"+traceID+"-00f067aa0ba902b7-01")
+	resp, err := authv3.NewAuthorizationClient(svc.conn).Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{Method: "GET", Path: "/x", Host: "api",
-			Headers: map[string]string{"authorization": "Bearer " + idptest.Mint(t, key, idp.Claims("api")),
-				"traceparent": "00-" + traceID + "-00f067aa0ba902b7-01"}}}}})
+			Headers: map[string]string{"authorization": "Bearer " + idptest.Mint(t, key, idp.Claims("api"))}}}}})
 	if err != nil || resp.GetStatus().GetCode() != 0 {
 		t.Fatalf("check: %v %v", err, resp.GetStatus())
 	}

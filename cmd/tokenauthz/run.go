@@ -273,7 +273,7 @@ drain:
 // It is logged with the file's own key names (through YAML), defaults
 // filled in.
 func logEffectiveConfig(log *slog.Logger, cfg *fileConfig) {
-	y, err := yaml.Marshal(cfg)
+	y, err := yaml.Marshal(cfg.withDefaults())
 	if err != nil {
 		return
 	}

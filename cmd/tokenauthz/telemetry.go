@@ -113,7 +113,10 @@ func newMetrics() *metrics {
 		Help: "Config reloads by result (ok, rejected: the previous config stayed in force)."}, []string{"result"})
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tokenauthz_build_info", Help: "Version and Go version."},
 		[]string{"version", "goversion"})
-	build.WithLabelValues(version(), runtime.Version()).Set(1)
+	build.WithLabelValues(strings.TrimPrefix(version(), "tokenauthz "), runtime.Version()).Set(1)
+	// Every result from the start, so alerts and rates need no first event.
+	m.reloads.WithLabelValues("ok").Add(0)
+	m.reloads.WithLabelValues("rejected").Add(0)
 	m.reg.MustRegister(m.reloads, m.decisions, m.latency, m.keyFetches, m.providerReqs, m.providerTime, m.answers, m.throttled, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
