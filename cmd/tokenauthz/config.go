@@ -52,6 +52,9 @@ type serverConfig struct {
 	// ShutdownTimeout bounds the graceful drain of in-flight checks after
 	// the lameduck pause; then the server stops hard. Default 15s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// AdminAddr serves the admin API on a listener of its own (host:port),
+	// off the health and metrics port; default: on http_addr.
+	AdminAddr string `yaml:"admin_addr"`
 	// AdminTokenFile / AdminTokenEnv hold the bearer token of the admin API
 	// (POST /admin/revoke on the HTTP port). Without one the API is off.
 	AdminTokenFile string `yaml:"admin_token_file"`
@@ -88,6 +91,9 @@ func (s *serverConfig) validateAddrs() []string {
 		}
 	}
 	check("server.grpc_addr", s.GRPCAddr, true)
+	if s.AdminAddr != "" {
+		check("server.admin_addr", s.AdminAddr, false)
+	}
 	if s.HTTPAddr != "off" {
 		check("server.http_addr", s.HTTPAddr, false)
 	}

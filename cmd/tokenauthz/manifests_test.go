@@ -12,7 +12,9 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -53,6 +55,8 @@ func render(t *testing.T, dir string) map[string]any {
 			obj = &autoscalingv2.HorizontalPodAutoscaler{}
 		case "PodDisruptionBudget":
 			obj = &policyv1.PodDisruptionBudget{}
+		case "NetworkPolicy":
+			obj = &networkingv1.NetworkPolicy{}
 		default:
 			t.Fatalf("%s: no strict decoder for kind %s", dir, r.GetKind())
 		}
@@ -65,7 +69,7 @@ func render(t *testing.T, dir string) map[string]any {
 }
 
 func TestKubernetesManifests(t *testing.T) {
-	for _, dir := range []string{"../../deploy/kubernetes/base", "../../deploy/kubernetes/overlays/redis"} {
+	for _, dir := range []string{"../../deploy/kubernetes/base", "../../deploy/kubernetes/overlays/redis", "../../deploy/kubernetes/overlays/istio"} {
 		t.Run(dir, func(t *testing.T) {
 			objs := render(t, dir)
 			d, ok := objs["Deployment/tokenauthz"].(*appsv1.Deployment)
@@ -92,15 +96,57 @@ func TestKubernetesManifests(t *testing.T) {
 			if c.Resources.Limits.Memory().IsZero() || c.Resources.Requests.Cpu().IsZero() {
 				t.Error("resource requests/limits missing")
 			}
+			// GOMEMLIMIT about 90% of the memory limit: room for stacks and
+			// the runtime; at 100% the GC only reacts when it is too late.
 			gomemlimit := false
 			for _, e := range c.Env {
-				if e.Name == "GOMEMLIMIT" && e.ValueFrom != nil && e.ValueFrom.ResourceFieldRef != nil &&
-					e.ValueFrom.ResourceFieldRef.Resource == "limits.memory" {
-					gomemlimit = true
+				if e.Name != "GOMEMLIMIT" {
+					continue
+				}
+				q, err := resource.ParseQuantity(strings.TrimSuffix(e.Value, "B"))
+				ratio := float64(q.Value()) / float64(c.Resources.Limits.Memory().Value())
+				gomemlimit = err == nil && ratio >= 0.8 && ratio <= 0.95
+				if !gomemlimit {
+					t.Errorf("GOMEMLIMIT %q is %.0f%% of the memory limit, want about 90%%", e.Value, 100*ratio)
 				}
 			}
 			if !gomemlimit {
-				t.Error("GOMEMLIMIT does not follow the memory limit")
+				t.Error("GOMEMLIMIT is not set to about 90% of the memory limit")
+			}
+			// A startup probe must add something over liveness.
+			if sp := c.StartupProbe; sp != nil && c.LivenessProbe != nil && sp.GRPC != nil && c.LivenessProbe.GRPC != nil &&
+				*sp.GRPC.Service == *c.LivenessProbe.GRPC.Service {
+				t.Error("the startup probe asks what the liveness probe asks")
+			}
+			if img := c.Image; strings.HasSuffix(img, ":latest") || !strings.Contains(img, ":") {
+				t.Errorf("image %q: pin a tag (and a digest), never latest", img)
+			}
+			// NetworkPolicy: Check from anywhere, the HTTP port (metrics,
+			// admin) not.
+			np, _ := objs["NetworkPolicy/tokenauthz"].(*networkingv1.NetworkPolicy)
+			if np == nil {
+				t.Fatal("no NetworkPolicy")
+			}
+			npSel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
+			if err != nil || !npSel.Matches(labels.Set(d.Spec.Template.Labels)) {
+				t.Errorf("the NetworkPolicy does not select the pods: %v", err)
+			}
+			for _, r := range np.Spec.Ingress {
+				for _, port := range r.Ports {
+					if port.Port != nil && port.Port.String() == "http" {
+						for _, peer := range r.From {
+							if peer.NamespaceSelector != nil && len(peer.NamespaceSelector.MatchLabels) == 0 && len(peer.NamespaceSelector.MatchExpressions) == 0 {
+								t.Error("the HTTP port (metrics, admin) is open to every namespace")
+							}
+						}
+					}
+				}
+			}
+			if strings.HasSuffix(dir, "istio") {
+				ns := objs["Namespace/tokenauthz"].(*corev1.Namespace)
+				if ns.Labels["istio-injection"] != "enabled" {
+					t.Errorf("the istio overlay does not label the namespace for injection: %v", ns.Labels)
+				}
 			}
 			if grace := pod.TerminationGracePeriodSeconds; grace == nil || *grace < 5+15 {
 				t.Error("terminationGracePeriodSeconds is shorter than lameduck + shutdown_timeout")

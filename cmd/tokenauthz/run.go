@@ -196,7 +196,7 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			}
 			_, _ = w.Write([]byte("ok\n"))
 		})
-		if lv.adminToken.Load() != nil {
+		if lv.adminToken.Load() != nil && cfg.Server.AdminAddr == "" {
 			mux.Handle("/admin/", adminHandler(lv, denylist, cfg.Server.RevocationTTL))
 		}
 		hsrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
@@ -207,13 +207,36 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		}()
 	}
 
+	// The admin API on a listener of its own, when asked: the health and
+	// metrics port is reachable by more (kubelet, Prometheus, meshes).
+	adminAddr := "off"
+	if cfg.Server.AdminAddr != "" && lv.adminToken.Load() != nil {
+		alis, err := net.Listen("tcp", cfg.Server.AdminAddr)
+		if err != nil {
+			return fmt.Errorf("%s", listenError("server.admin_addr", "server.admin_addr", cfg.Server.AdminAddr, err))
+		}
+		amux := http.NewServeMux()
+		amux.Handle("/admin/", adminHandler(lv, denylist, cfg.Server.RevocationTTL))
+		asrv := &http.Server{Handler: amux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := asrv.Serve(alis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("admin server failed", "error", err)
+			}
+		}()
+		defer func() { _ = asrv.Close() }()
+		adminAddr = alis.Addr().String()
+	} else if lv.adminToken.Load() != nil && httpLis != nil {
+		adminAddr = httpLis.Addr().String()
+	}
+
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(grpcLis) }()
 	httpAddr := "off"
 	if httpLis != nil {
 		httpAddr = httpLis.Addr().String()
 	}
-	log.Info("serving", "grpc_addr", grpcLis.Addr().String(), "http_addr", httpAddr, "issuers", len(cfg.Issuers), "routes", len(cfg.Routes))
+	log.Info("serving", "grpc_addr", grpcLis.Addr().String(), "http_addr", httpAddr, "admin_addr", adminAddr,
+		"issuers", len(cfg.Issuers), "routes", len(cfg.Routes))
 
 	select {
 	case err := <-serveErr:

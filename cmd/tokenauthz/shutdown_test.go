@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/tokenauthz/tokenauthz/deploy"
 	"github.com/tokenauthz/tokenauthz/verify/idptest"
 )
 
@@ -233,5 +235,45 @@ func TestServeDemoPrintsFirstAllow(t *testing.T) {
 	})
 	if resp.GetStatus().GetCode() != 0 {
 		t.Fatalf("the printed request was denied: %v", resp)
+	}
+}
+
+// TestAdminOnItsOwnListener: with server.admin_addr the admin API is served
+// there and no longer on the health and metrics port.
+func TestAdminOnItsOwnListener(t *testing.T) {
+	dir := t.TempDir()
+	tokFile := filepath.Join(dir, "admin")
+	_ = os.WriteFile(tokFile, []byte(adminToken), 0o600)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	cfg := strings.Replace(string(deploy.DemoConfig), "  http_addr: 127.0.0.1:9090\n",
+		fmt.Sprintf("  http_addr: 127.0.0.1:0\n  admin_addr: 127.0.0.1:0\n  admin_token_file: %q\n", tokFile), 1)
+	cfg = strings.Replace(cfg, "grpc_addr: 127.0.0.1:9191", "grpc_addr: 127.0.0.1:0", 1)
+	_ = os.WriteFile(cfgPath, []byte(cfg), 0o600)
+	_, _, httpAddr, logs := startProcess(t, "serve", "--config", cfgPath)
+	var adminAddr string
+	for _, l := range strings.Split(logs.String(), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "serving" {
+			adminAddr, _ = m["admin_addr"].(string)
+		}
+	}
+	if adminAddr == "" || adminAddr == httpAddr {
+		t.Fatalf("admin_addr %q (http %q)", adminAddr, httpAddr)
+	}
+	post := func(addr string) int {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+addr+"/admin/revoke", strings.NewReader(`{"token_sha256":"`+strings.Repeat("a", 64)+`"}`))
+		req.Header.Set("Authorization", "Bearer "+adminToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if got := post(adminAddr); got != http.StatusOK {
+		t.Errorf("admin listener: %d", got)
+	}
+	if got := post(httpAddr); got != http.StatusNotFound {
+		t.Errorf("the health and metrics port still serves the admin API: %d", got)
 	}
 }
