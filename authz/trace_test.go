@@ -190,13 +190,17 @@ func TestDecisionSpanLinksTheRequestsTrace(t *testing.T) {
 		if d.SpanContext().TraceID().String() == tr || !d.Parent().IsValid() || d.Parent().IsRemote() {
 			t.Fatalf("flags %s: the decision span should be under the local gRPC server span: parent %v", flags, d.Parent())
 		}
+		// The gRPC server span ends after the answer is sent: wait for it.
 		var server sdktrace.ReadOnlySpan
-		for _, s := range rec.Ended() {
-			if s.SpanContext().SpanID() == d.Parent().SpanID() {
-				server = s
+		eventually(t, "the gRPC server span ended", func() bool {
+			for _, s := range rec.Ended() {
+				if s.SpanContext().SpanID() == d.Parent().SpanID() {
+					server = s
+				}
 			}
-		}
-		if server == nil || server.Parent().IsValid() {
+			return server != nil
+		})
+		if server.Parent().IsValid() {
 			t.Fatalf("flags %s: the gRPC server span is not an exported root", flags)
 		}
 	}
