@@ -2,6 +2,11 @@
 # Multi-stage: a static binary on distroless (CA certificates, tzdata, no
 # shell), running as a non-root user. Build:
 #   docker build --build-arg VERSION=$(git describe --tags --always) -t tokenauthz .
+# For reproducible builds pin both base images by digest, e.g.
+#   FROM golang:1.26@sha256:<digest> AS build
+#   FROM gcr.io/distroless/static-debian12:nonroot@sha256:<digest>
+# (docker buildx imagetools inspect <image> prints the digest; Renovate or
+# Dependabot keep it current).
 FROM golang:1.26 AS build
 ARG VERSION=dev
 WORKDIR /src

@@ -32,7 +32,10 @@ import (
 const usage = `tokenauthz: an Envoy ext_authz service that verifies bearer tokens locally.
 
 Usage:
-  tokenauthz serve      [--config FILE]   run the service (no --config: the embedded demo config)
+  tokenauthz demo       [--grpc-addr A] [--once]
+                                          run on the demo config and show an allow and two denies
+  tokenauthz serve      [--config FILE] [--grpc-addr A] [--http-addr A]
+                                          run the service (no --config: the embedded demo config)
   tokenauthz validate   --config FILE     check a config; exit 1 naming every problem
   tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D] [--bind-key FILE]
                                           mint a token the demo config accepts (with --bind-key:
@@ -69,6 +72,14 @@ func cli(args []string, stdout, stderr io.Writer) int {
 			return code
 		}
 		return serve(*config, *grpcAddr, *httpAddr, stdout, stderr)
+	case "demo":
+		grpcAddr := fs.String("grpc-addr", os.Getenv("TOKENAUTHZ_GRPC_ADDR"), "listen address for Check (default 127.0.0.1:9191)")
+		httpAddr := fs.String("http-addr", os.Getenv("TOKENAUTHZ_HTTP_ADDR"), "listen address for health and metrics (default 127.0.0.1:9090; off disables)")
+		once := fs.Bool("once", false, "exit after the three checks")
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
+		}
+		return demo(*grpcAddr, *httpAddr, *once, stdout, stderr)
 	case "validate":
 		config := fs.String("config", "", "configuration file")
 		reach := fs.Bool("reach", false, "also reach each issuer once (discovery, key set, introspection and userinfo endpoints)")

@@ -307,7 +307,7 @@ func TestDemoDPoP(t *testing.T) {
 // TestCLIRoughEdges: --help exits 0 everywhere; flag errors name flags;
 // listen addresses are checked and a taken port says what to do.
 func TestCLIRoughEdges(t *testing.T) {
-	for _, cmd := range []string{"serve", "validate", "demo-token", "dpop-proof", "check", "revoke"} {
+	for _, cmd := range []string{"serve", "demo", "validate", "demo-token", "dpop-proof", "check", "revoke"} {
 		var out, errOut bytes.Buffer
 		if code := cli([]string{cmd, "--help"}, &out, &errOut); code != 0 {
 			t.Errorf("%s --help: exit %d", cmd, code)
@@ -381,6 +381,20 @@ func TestEffectiveConfigShowsDefaults(t *testing.T) {
 	for _, zero := range []string{`"realm":""`, `"timeout":"0s"`, `"max_bytes":0`} {
 		if strings.Contains(out, zero) {
 			t.Errorf("effective config shows %s", zero)
+		}
+	}
+}
+
+// TestDemoCommand: `tokenauthz demo` alone shows the first allow and two
+// denies, through the real server and client, in one terminal.
+func TestDemoCommand(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if code := cli([]string{"demo", "--once", "--grpc-addr", "127.0.0.1:0", "--http-addr", "off"}, &out, &errOut); code != 0 {
+		t.Fatalf("demo: exit %d: %s", code, errOut.String())
+	}
+	for _, want := range []string{"ALLOW: headers for the upstream:", "x-user-id=alice", "DENY 403", `scope="admin"`, "DENY 401", "grpcurl -plaintext"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("demo output lacks %q:\n%s", want, out.String())
 		}
 	}
 }
