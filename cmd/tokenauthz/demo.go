@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -26,23 +25,10 @@ func demo(grpcAddr, httpAddr string, once bool, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
-	if grpcAddr != "" {
-		cfg.Server.GRPCAddr = grpcAddr
-	}
-	if httpAddr != "" {
-		cfg.Server.HTTPAddr = httpAddr
-	}
-	grpcLis, err := listen(cfg.Server.GRPCAddr)
+	grpcLis, httpLis, err := listenOn(cfg, grpcAddr, httpAddr)
 	if err != nil {
-		fmt.Fprintln(stderr, listenError("server.grpc_addr", "--grpc-addr", cfg.Server.GRPCAddr, err))
+		fmt.Fprintln(stderr, err)
 		return 1
-	}
-	var httpLis net.Listener
-	if cfg.Server.HTTPAddr != "off" {
-		if httpLis, err = net.Listen("tcp", cfg.Server.HTTPAddr); err != nil {
-			fmt.Fprintln(stderr, listenError("server.http_addr", "--http-addr", cfg.Server.HTTPAddr, err))
-			return 1
-		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()

@@ -11,10 +11,7 @@ import (
 	"helm.sh/helm/v3/pkg/lint"
 	"helm.sh/helm/v3/pkg/lint/support"
 	appsv1 "k8s.io/api/apps/v1"
-	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
-	networkingv1 "k8s.io/api/networking/v1"
-	policyv1 "k8s.io/api/policy/v1"
 	"sigs.k8s.io/yaml"
 
 	yamlv3 "go.yaml.in/yaml/v3"
@@ -57,31 +54,7 @@ func renderChart(t *testing.T, vals map[string]any) map[string]any {
 			if err := yaml.Unmarshal([]byte(doc), &meta); err != nil {
 				t.Fatalf("%s: %v\n%s", name, err, doc)
 			}
-			var obj any
-			switch meta.Kind {
-			case "Deployment":
-				obj = &appsv1.Deployment{}
-			case "StatefulSet":
-				obj = &appsv1.StatefulSet{}
-			case "Service":
-				obj = &corev1.Service{}
-			case "ConfigMap":
-				obj = &corev1.ConfigMap{}
-			case "ServiceAccount":
-				obj = &corev1.ServiceAccount{}
-			case "HorizontalPodAutoscaler":
-				obj = &autoscalingv2.HorizontalPodAutoscaler{}
-			case "PodDisruptionBudget":
-				obj = &policyv1.PodDisruptionBudget{}
-			case "NetworkPolicy":
-				obj = &networkingv1.NetworkPolicy{}
-			case "ServiceMonitor":
-				obj = &monitoringv1.ServiceMonitor{}
-			case "PrometheusRule":
-				obj = &monitoringv1.PrometheusRule{}
-			default:
-				t.Fatalf("%s: no strict decoder for kind %q", name, meta.Kind)
-			}
+			obj := newObject(t, meta.Kind)
 			if err := yaml.UnmarshalStrict([]byte(doc), obj); err != nil {
 				t.Fatalf("%s %s: %v\n%s", name, meta.Kind, err, doc)
 			}

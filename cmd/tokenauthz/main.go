@@ -214,31 +214,14 @@ func serve(path, grpcAddr, httpAddr string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
-	if grpcAddr != "" {
-		cfg.Server.GRPCAddr = grpcAddr
-	}
-	if httpAddr != "" {
-		cfg.Server.HTTPAddr = httpAddr
-	}
-	for _, p := range cfg.Server.validateAddrs() {
-		fmt.Fprintln(stderr, p)
+	grpcLis, httpLis, err := listenOn(cfg, grpcAddr, httpAddr)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
 		return 1
 	}
 	log := newLogger(cfg.Server.LogFormat, cfg.Server.LogLevel)
 	if path == "" {
 		log.Warn("running on the embedded DEMO config: it trusts a published demo key; never use it in production")
-	}
-	grpcLis, err := listen(cfg.Server.GRPCAddr)
-	if err != nil {
-		fmt.Fprintln(stderr, listenError("server.grpc_addr", "--grpc-addr", cfg.Server.GRPCAddr, err))
-		return 1
-	}
-	var httpLis net.Listener
-	if cfg.Server.HTTPAddr != "off" {
-		if httpLis, err = net.Listen("tcp", cfg.Server.HTTPAddr); err != nil {
-			fmt.Fprintln(stderr, listenError("server.http_addr", "--http-addr", cfg.Server.HTTPAddr, err))
-			return 1
-		}
 	}
 	if path == "" {
 		demoHint(stdout, grpcLis.Addr().String())
@@ -257,6 +240,30 @@ func serve(path, grpcAddr, httpAddr string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// listenOn applies the command line's listen addresses over the config's
+// and opens both listeners (httpLis nil when http_addr is off).
+func listenOn(cfg *fileConfig, grpcAddr, httpAddr string) (grpcLis, httpLis net.Listener, err error) {
+	if grpcAddr != "" {
+		cfg.Server.GRPCAddr = grpcAddr
+	}
+	if httpAddr != "" {
+		cfg.Server.HTTPAddr = httpAddr
+	}
+	if p := cfg.Server.validateAddrs(); len(p) > 0 {
+		return nil, nil, errors.New(strings.Join(p, "\n"))
+	}
+	if grpcLis, err = listen(cfg.Server.GRPCAddr); err != nil {
+		return nil, nil, errors.New(listenError("server.grpc_addr", "--grpc-addr", cfg.Server.GRPCAddr, err))
+	}
+	if cfg.Server.HTTPAddr != "off" {
+		if httpLis, err = net.Listen("tcp", cfg.Server.HTTPAddr); err != nil {
+			_ = grpcLis.Close()
+			return nil, nil, errors.New(listenError("server.http_addr", "--http-addr", cfg.Server.HTTPAddr, err))
+		}
+	}
+	return grpcLis, httpLis, nil
 }
 
 // listenError says what to do when an address cannot be had.

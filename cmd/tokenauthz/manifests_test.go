@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	"google.golang.org/protobuf/encoding/protojson"
 	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
 	securityv1beta1 "istio.io/api/security/v1beta1"
@@ -37,35 +38,44 @@ func render(t *testing.T, dir string) map[string]any {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var obj any
-		switch r.GetKind() {
-		case "Deployment":
-			obj = &appsv1.Deployment{}
-		case "StatefulSet":
-			obj = &appsv1.StatefulSet{}
-		case "Service":
-			obj = &corev1.Service{}
-		case "ConfigMap":
-			obj = &corev1.ConfigMap{}
-		case "ServiceAccount":
-			obj = &corev1.ServiceAccount{}
-		case "Namespace":
-			obj = &corev1.Namespace{}
-		case "HorizontalPodAutoscaler":
-			obj = &autoscalingv2.HorizontalPodAutoscaler{}
-		case "PodDisruptionBudget":
-			obj = &policyv1.PodDisruptionBudget{}
-		case "NetworkPolicy":
-			obj = &networkingv1.NetworkPolicy{}
-		default:
-			t.Fatalf("%s: no strict decoder for kind %s", dir, r.GetKind())
-		}
+		obj := newObject(t, r.GetKind())
 		if err := yaml.UnmarshalStrict(y, obj); err != nil {
 			t.Fatalf("%s %s/%s: %v", dir, r.GetKind(), r.GetName(), err)
 		}
 		out[r.GetKind()+"/"+r.GetName()] = obj
 	}
 	return out
+}
+
+// newObject is the Go type a manifest of kind decodes into, strictly.
+func newObject(t *testing.T, kind string) any {
+	t.Helper()
+	switch kind {
+	case "Deployment":
+		return &appsv1.Deployment{}
+	case "StatefulSet":
+		return &appsv1.StatefulSet{}
+	case "Service":
+		return &corev1.Service{}
+	case "ConfigMap":
+		return &corev1.ConfigMap{}
+	case "ServiceAccount":
+		return &corev1.ServiceAccount{}
+	case "Namespace":
+		return &corev1.Namespace{}
+	case "HorizontalPodAutoscaler":
+		return &autoscalingv2.HorizontalPodAutoscaler{}
+	case "PodDisruptionBudget":
+		return &policyv1.PodDisruptionBudget{}
+	case "NetworkPolicy":
+		return &networkingv1.NetworkPolicy{}
+	case "ServiceMonitor":
+		return &monitoringv1.ServiceMonitor{}
+	case "PrometheusRule":
+		return &monitoringv1.PrometheusRule{}
+	}
+	t.Fatalf("no strict decoder for kind %q", kind)
+	return nil
 }
 
 func TestKubernetesManifests(t *testing.T) {

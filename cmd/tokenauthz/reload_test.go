@@ -33,6 +33,32 @@ func writeAtomically(t *testing.T, path, content string) {
 	}
 }
 
+// checkCode sends c a GET of path with tok as the bearer token and returns
+// the answer's code (Internal for a gRPC error).
+func checkCode(c authv3.AuthorizationClient, path, tok string) codes.Code {
+	resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
+			Method: "GET", Path: path, Host: "api", Headers: map[string]string{"authorization": "Bearer " + tok}}}}})
+	if err != nil {
+		return codes.Internal
+	}
+	return codes.Code(resp.GetStatus().GetCode())
+}
+
+// postRevoke posts body to an instance's admin API at base with the admin
+// token and returns the HTTP status.
+func postRevoke(t *testing.T, base, admin, body string) int {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, base+"/admin/revoke", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+admin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
 func TestReloadUnderLoad(t *testing.T) {
 	ka, kb := idptest.NewKey(t, "a", "ES256"), idptest.NewKey(t, "b", "ES256")
 	idpA, idpB := idptest.New(t, ka), idptest.New(t, kb)
@@ -51,15 +77,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
 	hup := make(chan os.Signal, 1)
 	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, hup)).conn)
-	check := func(path, tok string) codes.Code {
-		resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-			Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
-				Method: "GET", Path: path, Host: "api", Headers: map[string]string{"authorization": "Bearer " + tok}}}}})
-		if err != nil {
-			return codes.Internal
-		}
-		return codes.Code(resp.GetStatus().GetCode())
-	}
+	check := func(path, tok string) codes.Code { return checkCode(c, path, tok) }
 	tokA := idptest.Mint(t, ka, idpA.Claims("api"))
 	tokB := idptest.Mint(t, kb, idpB.Claims("api"))
 	waitFor(t, func() bool { return check("/orders", tokA) == codes.OK && check("/orders", tokB) == codes.OK })
@@ -168,15 +186,7 @@ routes:
 	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
 	base := "http://" + httpLis.Addr().String()
 	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, make(chan os.Signal))).conn)
-	check := func(tok string) codes.Code {
-		resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-			Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
-				Method: "GET", Path: "/orders", Host: "api", Headers: map[string]string{"authorization": "Bearer " + tok}}}}})
-		if err != nil {
-			return codes.Internal
-		}
-		return codes.Code(resp.GetStatus().GetCode())
-	}
+	check := func(tok string) codes.Code { return checkCode(c, "/orders", tok) }
 	claims := func() map[string]any {
 		return map[string]any{"iss": "https://idp.example", "aud": "api", "sub": "u", "exp": time.Now().Add(time.Hour).Unix()}
 	}
@@ -185,14 +195,7 @@ routes:
 		return idptest.Sign(t, "HS256", []byte(secret), map[string]any{"alg": "HS256", "typ": "JWT"}, claims())
 	}
 	revoke := func(admin string) int {
-		req, _ := http.NewRequest(http.MethodPost, base+"/admin/revoke", strings.NewReader(`{"token_sha256":"`+strings.Repeat("a", 64)+`"}`))
-		req.Header.Set("Authorization", "Bearer "+admin)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.StatusCode
+		return postRevoke(t, base, admin, `{"token_sha256":"`+strings.Repeat("a", 64)+`"}`)
 	}
 	if check(tokA) != codes.OK || check(tokB) != codes.Unauthenticated || check(hs(strings.Repeat("1", 32))) != codes.OK {
 		t.Fatal("the initial files are not in force")
@@ -274,25 +277,8 @@ func TestRevocationUsesTheIssuersInForce(t *testing.T) {
 		return idptest.Mint(t, k, map[string]any{"iss": iss, "aud": "api", "sub": sub, "jti": jti, "iat": time.Now().Unix() - 10,
 			"exp": time.Now().Add(time.Hour).Unix()})
 	}
-	check := func(tok string) codes.Code {
-		resp, err := c.Check(context.Background(), &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-			Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
-				Method: "GET", Path: "/x", Host: "api", Headers: map[string]string{"authorization": "Bearer " + tok}}}}})
-		if err != nil {
-			return codes.Internal
-		}
-		return codes.Code(resp.GetStatus().GetCode())
-	}
-	revoke := func(body string) int {
-		req, _ := http.NewRequest(http.MethodPost, base+"/admin/revoke", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+adminToken)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.StatusCode
-	}
+	check := func(tok string) codes.Code { return checkCode(c, "/x", tok) }
+	revoke := func(body string) int { return postRevoke(t, base, adminToken, body) }
 	// Changed at once, before the watch may even have started: a change
 	// between the first read and the watch is not lost either.
 	writeAtomically(t, path, conf("https://new.example", "https://added.example"))

@@ -261,14 +261,7 @@ func TestAdminOnItsOwnListener(t *testing.T) {
 		t.Fatalf("admin_addr %q (http %q)", adminAddr, httpAddr)
 	}
 	post := func(addr string) int {
-		req, _ := http.NewRequest(http.MethodPost, "http://"+addr+"/admin/revoke", strings.NewReader(`{"token_sha256":"`+strings.Repeat("a", 64)+`"}`))
-		req.Header.Set("Authorization", "Bearer "+adminToken)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.StatusCode
+		return postRevoke(t, "http://"+addr, adminToken, `{"token_sha256":"`+strings.Repeat("a", 64)+`"}`)
 	}
 	if got := post(adminAddr); got != http.StatusOK {
 		t.Errorf("admin listener: %d", got)
