@@ -24,6 +24,11 @@ import (
 
 // benchServer is the README's typical policy for one issuer and algorithm.
 func benchServer(b *testing.B, alg string, vo verify.Options) (*authz.Server, *idptest.Key, *idptest.IdP) {
+	return benchServerWith(b, alg, vo, nil)
+}
+
+// benchServerWith is benchServer with the config changed by mod first.
+func benchServerWith(b *testing.B, alg string, vo verify.Options, mod func(*authz.Config)) (*authz.Server, *idptest.Key, *idptest.IdP) {
 	b.Helper()
 	k := idptest.NewKey(b, "k", alg)
 	idp := idptest.New(b, k)
@@ -33,6 +38,9 @@ func benchServer(b *testing.B, alg string, vo verify.Options) (*authz.Server, *i
 		Routes:               []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}, Scopes: []string{"read"}}},
 		Headers:              authz.ClaimHeaders(map[string]string{"x-user-id": "sub", "x-user-scopes": "scope"}),
 		ReservedHeaderPrefix: "x-auth-",
+	}
+	if mod != nil {
+		mod(cfg)
 	}
 	v, err := verify.New(cfg.Issuers, vo)
 	if err != nil {
@@ -78,31 +86,14 @@ func BenchmarkCheckWarm(b *testing.B) {
 // expressions and two CEL headers: the difference, over five, is the cost
 // of one expression.
 func BenchmarkCheckWarmCEL(b *testing.B) {
-	k := idptest.NewKey(b, "k", "RS256")
-	idp := idptest.New(b, k)
-	cfg := &authz.Config{
-		Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud},
-			JWKSURI: idp.JWKSURL(), Algorithms: []string{"RS256"}}},
-		Routes: []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}, Scopes: []string{"read"},
-			When: []authz.WhenRule{
-				{CEL: "request.method in ['GET', 'HEAD'] || 'write' in scopes"},
-				{CEL: "request.path.startsWith('/orders/')"},
-				{CEL: "claims.sub != '' && issuer == 'idp'"},
-			},
-			Headers: map[string]*authz.HeaderSource{"x-tenant": {CEL: "claims.tid"}, "x-sub-route": {CEL: "claims.sub + '@' + route"}},
-		}},
-		Headers:              authz.ClaimHeaders(map[string]string{"x-user-id": "sub", "x-user-scopes": "scope"}),
-		ReservedHeaderPrefix: "x-auth-",
-	}
-	v, err := verify.New(cfg.Issuers, verify.Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv, err := authz.NewServer(cfg, v, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider()})
+	srv, k, idp := benchServerWith(b, "RS256", verify.Options{}, func(cfg *authz.Config) {
+		cfg.Routes[0].When = []authz.WhenRule{
+			{CEL: "request.method in ['GET', 'HEAD'] || 'write' in scopes"},
+			{CEL: "request.path.startsWith('/orders/')"},
+			{CEL: "claims.sub != '' && issuer == 'idp'"},
+		}
+		cfg.Routes[0].Headers = map[string]*authz.HeaderSource{"x-tenant": {CEL: "claims.tid"}, "x-sub-route": {CEL: "claims.sub + '@' + route"}}
+	})
 	c := idp.Claims(aud)
 	c["scope"], c["tid"] = "read write", "acme"
 	runChecks(b, srv, req{headers: bearer(idptest.Mint(b, k, c))}.proto())
@@ -112,24 +103,10 @@ func BenchmarkCheckWarmCEL(b *testing.B) {
 // ES256 proof each time (proofs are signed in batches with the timer
 // stopped): compare with BenchmarkCheckWarm plus BenchmarkBare/ES256.
 func BenchmarkCheckDPoP(b *testing.B) {
-	k := idptest.NewKey(b, "k", "RS256")
-	idp := idptest.New(b, k)
-	cfg := &authz.Config{
-		Issuers: []verify.IssuerConfig{{Name: "idp", Issuer: idp.URL(), Audiences: []string{aud},
-			JWKSURI: idp.JWKSURL(), Algorithms: []string{"RS256"}, DPoP: &verify.DPoPConfig{}}},
-		Routes:               []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}, Scopes: []string{"read"}, SenderConstraint: "required"}},
-		Headers:              authz.ClaimHeaders(map[string]string{"x-user-id": "sub", "x-user-scopes": "scope"}),
-		ReservedHeaderPrefix: "x-auth-",
-	}
-	v, err := verify.New(cfg.Issuers, verify.Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv, err := authz.NewServer(cfg, v, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider()})
+	srv, k, idp := benchServerWith(b, "RS256", verify.Options{}, func(cfg *authz.Config) {
+		cfg.Issuers[0].DPoP = &verify.DPoPConfig{}
+		cfg.Routes[0].SenderConstraint = "required"
+	})
 	client := newDPoPClient(b)
 	c := idp.Claims(aud)
 	c["scope"], c["cnf"] = "read write", map[string]any{"jkt": client.jkt}
