@@ -6,8 +6,9 @@
 //	go run ./cmd/loadbench            # about 2 minutes on 2 cores
 //
 // It builds both servers, installs ghz if it is not on PATH (go install
-// github.com/bojand/ghz/cmd/ghz@v0.120.0), mints RS256 tokens, and runs four
-// workloads: one token (warm caches), 10,000 distinct tokens in rotation
+// github.com/bojand/ghz/cmd/ghz@v0.120.0), mints RS256 tokens, and runs five
+// workloads: one token (warm caches), the same on a route with three CEL
+// conditions and two CEL headers, 10,000 distinct tokens in rotation
 // (warmed once), every token new, and one DPoP-bound token with a fresh
 // ES256 proof on every request. Server CPU time and RSS come from
 // /proc; the bare crypto/rsa verify of the same key is measured in this
@@ -100,9 +101,12 @@ func run() error {
 	fresh := mint(key, *requests)
 	files := map[string]string{}
 	for name, toks := range map[string][]string{"same": one, "distinct": rotation, "new": fresh} {
-		if files[name], err = writeData(dir, name, toks); err != nil {
+		if files[name], err = writeData(dir, name, "/api/orders/1", toks); err != nil {
 			return err
 		}
+	}
+	if files["cel"], err = writeData(dir, "cel", "/cel/orders/1", one); err != nil {
+		return err
 	}
 	bare := bareVerify(key)
 	dpopKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -120,6 +124,7 @@ func run() error {
 		warm       int // checks sent before measuring (same payloads)
 	}{
 		{"one token, warm", files["same"], 2000},
+		{"warm, 3 CEL whens + 2 CEL headers", files["cel"], 2000},
 		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], *distinct},
 		{"every token new", files["new"], 0},
 		{"DPoP, new proofs", "", 0},
@@ -292,6 +297,16 @@ issuers:
 
     dpop: {}
 routes:
+  - name: cel
+    match: { path_prefix: /cel }
+    scopes: [read]
+    when:
+      - "request.method in ['GET', 'HEAD'] || 'write' in scopes"
+      - "request.path.startsWith('/cel/orders/')"
+      - "claims.sub != '' && issuer == 'bench'"
+    headers:
+      x-sub-route: { cel: "claims.sub + '@' + route" }
+      x-scope-count: { cel: "size(scopes)" }
   - { name: api, match: { path_prefix: /api }, scopes: [read] }
 headers: { x-user-id: sub, x-user-scopes: scope }
 reserved_header_prefix: x-auth-
@@ -328,7 +343,7 @@ func mint(key *rsa.PrivateKey, n int) []string {
 
 // writeData writes ghz call data: one CheckRequest per token, as Envoy
 // would send it; ghz sends them round-robin.
-func writeData(dir, name string, toks []string) (string, error) {
+func writeData(dir, name, path string, toks []string) (string, error) {
 	p := filepath.Join(dir, name+".json")
 	f, err := os.Create(p)
 	if err != nil {
@@ -341,8 +356,8 @@ func writeData(dir, name string, toks []string) (string, error) {
 		if i > 0 {
 			w.WriteString(",")
 		}
-		fmt.Fprintf(w, `{"attributes":{"request":{"http":{"id":"%d","method":"GET","path":"/api/orders/1","host":"api.example.com","scheme":"https","protocol":"HTTP/2","headers":{":method":"GET",":path":"/api/orders/1",":authority":"api.example.com","authorization":"Bearer %s","user-agent":"curl/8.5.0","x-request-id":"%d","x-user-id":"spoofed"}}}}}`,
-			i, t, i)
+		fmt.Fprintf(w, `{"attributes":{"request":{"http":{"id":"%d","method":"GET","path":%q,"host":"api.example.com","scheme":"https","protocol":"HTTP/2","headers":{":method":"GET",":path":%q,":authority":"api.example.com","authorization":"Bearer %s","user-agent":"curl/8.5.0","x-request-id":"%d","x-user-id":"spoofed"}}}}}`,
+			i, path, path, t, i)
 	}
 	w.WriteString("]")
 	if err := w.Flush(); err != nil {
@@ -566,18 +581,20 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 	for i := 0; i+1 < len(rs); i += 2 {
 		a, t := rs[i], rs[i+1]
 		switch i / 2 {
+		case 1:
+			ts = append(ts, target{"warm, CEL route: throughput vs allow-all", t.rps / a.rps, 0.9, true})
 		case 0:
 			ts = append(ts,
 				target{"warm token: throughput vs allow-all", t.rps / a.rps, 0.9, true},
 				target{"warm token: p99 vs allow-all", float64(t.p99) / float64(a.p99), 1.2, false},
 				target{"warm token: CPU per check vs allow-all", float64(t.cpuPerCheck) / float64(a.cpuPerCheck), 1.5, false})
-		case 1:
-			ts = append(ts, target{"distinct tokens: throughput vs allow-all", t.rps / a.rps, 0.85, true})
 		case 2:
+			ts = append(ts, target{"distinct tokens: throughput vs allow-all", t.rps / a.rps, 0.85, true})
+		case 3:
 			limit := float64(a.cpuPerCheck+bare*13/10) / float64(a.cpuPerCheck)
 			ts = append(ts, target{"new tokens: CPU per check vs allow-all (limit: + 1.3 bare verifies)",
 				float64(t.cpuPerCheck) / float64(a.cpuPerCheck), limit, false})
-		case 3:
+		case 4:
 			warm := rs[1].cpuPerCheck
 			limit := float64(warm+bareES*13/10) / float64(warm)
 			ts = append(ts, target{"DPoP: CPU per check vs warm tokenauthz (limit: + 1.3 bare ES256 verifies)",
