@@ -115,9 +115,10 @@ func TestFleetFollowsASlowOrFailingProvider(t *testing.T) {
 	if n := f.idp.IntrospectionHits.Load() - introHits; n != 1 {
 		t.Errorf("a failing provider was called %d times for one token on six pods, want 1", n)
 	}
-	// Loose on purpose (noisy machines): without following, the answers
-	// came after lock_wait plus a call of the pod's own, about 3 s.
-	if limit := 1500*time.Millisecond + time.Second; took > limit {
+	// Loose on purpose (noisy machines, -race): the call count above is
+	// what tells following from not; this bounds the wait by the
+	// provider's time plus a margin.
+	if limit := 1500*time.Millisecond + 2*time.Second; took > limit {
 		t.Errorf("the slowest pod answered 503 after %v, more than the provider's time plus a margin (%v)", took, limit)
 	}
 	t.Logf("holder failed: the slowest pod answered 503 after %v", took.Round(time.Millisecond))

@@ -311,10 +311,12 @@ func TestDecisionLabels(t *testing.T) {
 	// A new kid while the provider is slow; Envoy's timeout (here the
 	// client's deadline) ends the call first.
 	idp.SetJWKSDelay(2 * time.Second)
+	newKid := req{headers: bearer(idptest.Mint(t, idptest.NewKey(t, "k9", "RS256"), idp.Claims(aud)))}.proto()
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	_, err = c.Check(ctx, req{headers: bearer(idptest.Mint(t, idptest.NewKey(t, "k9", "RS256"), idp.Claims(aud)))}.proto())
-	if status.Code(err) != codes.DeadlineExceeded {
+	// The server's deadline follows the client's: which side notices first
+	// varies (a late answer or DeadlineExceeded); the count is what matters.
+	if _, err := c.Check(ctx, newKid); err != nil && status.Code(err) != codes.DeadlineExceeded {
 		t.Fatalf("want the call to time out, got %v", err)
 	}
 	eventually(t, "the cancelled check is counted", func() bool { d, _ := obs.last(); return d.Decision == "cancelled" })
