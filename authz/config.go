@@ -233,7 +233,10 @@ func (c *Config) Validate() []string {
 			}
 		}
 		for j, meth := range m.Methods {
-			if _, why := canonicalMethod(meth); why != "" {
+			if _, why := canonicalMethod(meth); why != "" || meth == "" {
+				if why == "" {
+					why = "empty"
+				}
 				bad(fmt.Sprintf("%s.match.methods[%d]", key, j), "%s, like GET", why)
 			}
 		}

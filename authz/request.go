@@ -73,10 +73,10 @@ func canonicalRequest(h *authv3.AttributeContext_HttpRequest) (request, *decisio
 // canonicalMethod accepts an RFC 9110 token in upper case. Methods are case
 // sensitive, but some servers upper-case them, so "post" could be POST
 // upstream while a route restricted to POST would not match it.
+//
+// No method at all (Envoy always sends one; hand-built requests may not)
+// matches only routes without a methods list.
 func canonicalMethod(m string) (string, string) {
-	if m == "" {
-		return "", "the request has no method"
-	}
 	for i := 0; i < len(m); i++ {
 		c := m[i]
 		switch {
