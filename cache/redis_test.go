@@ -222,19 +222,26 @@ func TestNoOrphanLockAfterFreeze(t *testing.T) {
 	}
 }
 
+// denylistPod is one pod's denylist on rs, resyncing every interval.
+func denylistPod(t *testing.T, rs *redistest.Server, rc cache.RedisConfig, interval time.Duration) *cache.Denylist {
+	t.Helper()
+	rc.Addrs = []string{rs.Addr()}
+	s, err := cache.NewShared(&rc, cache.SharedOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	d := cache.NewDenylist(s, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go d.Run(ctx, interval)
+	return d
+}
+
 func TestDenylist(t *testing.T) {
 	rs := redistest.Start(t)
 	newPod := func() *cache.Denylist {
-		s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 2 * time.Second}, cache.SharedOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = s.Close() })
-		d := cache.NewDenylist(s, nil)
-		ctx, cancel := context.WithCancel(context.Background())
-		t.Cleanup(cancel)
-		go d.Run(ctx, time.Hour)
-		return d
+		return denylistPod(t, rs, cache.RedisConfig{Timeout: 2 * time.Second}, time.Hour)
 	}
 	a := newPod()
 	ctx := context.Background()
@@ -349,17 +356,7 @@ func BenchmarkGetFromRedis(b *testing.B) {
 func TestRevocationsSurviveRedisLosingData(t *testing.T) {
 	rs := redistest.Start(t)
 	newPod := func() *cache.Denylist {
-		s, err := cache.NewShared(&cache.RedisConfig{Addrs: []string{rs.Addr()}, Timeout: 500 * time.Millisecond,
-			BreakerCooldown: 100 * time.Millisecond}, cache.SharedOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = s.Close() })
-		d := cache.NewDenylist(s, nil)
-		ctx, cancel := context.WithCancel(context.Background())
-		t.Cleanup(cancel)
-		go d.Run(ctx, 100*time.Millisecond)
-		return d
+		return denylistPod(t, rs, cache.RedisConfig{Timeout: 500 * time.Millisecond, BreakerCooldown: 100 * time.Millisecond}, 100*time.Millisecond)
 	}
 	ctx := context.Background()
 	iss := "https://idp.example"

@@ -20,12 +20,7 @@ import (
 // back: the first allow in one terminal, with nothing to install. It keeps
 // serving until interrupted, unless once is set.
 func demo(grpcAddr, httpAddr string, once bool, stdout, stderr io.Writer) int {
-	cfg, err := loadConfig("")
-	if err != nil {
-		fmt.Fprintln(stderr, err)
-		return 1
-	}
-	grpcLis, httpLis, err := listenOn(cfg, grpcAddr, httpAddr)
+	cfg, grpcLis, httpLis, err := loadAndListen("", grpcAddr, httpAddr)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1

@@ -209,12 +209,7 @@ func parseFlags(fs *flag.FlagSet, args []string) (int, bool) {
 }
 
 func serve(path, grpcAddr, httpAddr string, stdout, stderr io.Writer) int {
-	cfg, err := loadConfig(path)
-	if err != nil {
-		fmt.Fprintln(stderr, err)
-		return 1
-	}
-	grpcLis, httpLis, err := listenOn(cfg, grpcAddr, httpAddr)
+	cfg, grpcLis, httpLis, err := loadAndListen(path, grpcAddr, httpAddr)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
@@ -240,6 +235,17 @@ func serve(path, grpcAddr, httpAddr string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// loadAndListen loads the config at path ("" for the demo config) and
+// opens its listeners, with the command line's addresses over its own.
+func loadAndListen(path, grpcAddr, httpAddr string) (*fileConfig, net.Listener, net.Listener, error) {
+	cfg, err := loadConfig(path)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	grpcLis, httpLis, err := listenOn(cfg, grpcAddr, httpAddr)
+	return cfg, grpcLis, httpLis, err
 }
 
 // listenOn applies the command line's listen addresses over the config's

@@ -33,6 +33,19 @@ func writeAtomically(t *testing.T, path, content string) {
 	}
 }
 
+// startReloading runs the service on the config file at path, watching it
+// for changes, and returns its Check client and HTTP base URL.
+func startReloading(t *testing.T, path string) (authv3.AuthorizationClient, string) {
+	t.Helper()
+	cfg, err := loadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
+	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, make(chan os.Signal))).conn)
+	return c, "http://" + httpLis.Addr().String()
+}
+
 // checkCode sends c a GET of path with tok as the bearer token and returns
 // the answer's code (Internal for a gRPC error).
 func checkCode(c authv3.AuthorizationClient, path, tok string) codes.Code {
@@ -179,13 +192,7 @@ issuers:
 routes:
   - { name: all, match: { path_prefix: / } }
 `, adminFile, jwksFile, hmacFile))
-	cfg, err := loadConfig(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	base := "http://" + httpLis.Addr().String()
-	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, make(chan os.Signal))).conn)
+	c, base := startReloading(t, path)
 	check := func(tok string) codes.Code { return checkCode(c, "/orders", tok) }
 	claims := func() map[string]any {
 		return map[string]any{"iss": "https://idp.example", "aud": "api", "sub": "u", "exp": time.Now().Add(time.Hour).Unix()}
@@ -266,13 +273,7 @@ func TestRevocationUsesTheIssuersInForce(t *testing.T) {
 	}
 	path := filepath.Join(dir, "config.yaml")
 	writeAtomically(t, path, conf("https://old.example"))
-	cfg, err := loadConfig(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	httpLis, _ := net.Listen("tcp", "127.0.0.1:0")
-	base := "http://" + httpLis.Addr().String()
-	c := authv3.NewAuthorizationClient(runService(t, cfg, nil, httpLis, withReload(path, make(chan os.Signal))).conn)
+	c, base := startReloading(t, path)
 	tok := func(iss, jti, sub string) string {
 		return idptest.Mint(t, k, map[string]any{"iss": iss, "aud": "api", "sub": sub, "jti": jti, "iat": time.Now().Unix() - 10,
 			"exp": time.Now().Add(time.Hour).Unix()})
