@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"unicode"
+	"unicode/utf8"
 
 	"cel.dev/cel-go/cel"
 	"cel.dev/cel-go/common/cost"
@@ -265,7 +267,7 @@ func (a *celVars) resolve(name string) ref.Val {
 	case "request.context":
 		return types.NewStringStringMap(celAdapter, a.ctxExt)
 	case "request.query":
-		return types.NewStringStringMap(celAdapter, firstValues(a.rq.query))
+		return types.NewStringStringMap(celAdapter, queryValues(a.rq.query))
 	case "request.headers":
 		return types.NewStringStringMap(celAdapter, requestHeaders(a.h))
 	case "claims":
@@ -295,43 +297,153 @@ func (a *celVars) resolve(name string) ref.Val {
 	return types.NewErr("no variable %s", name)
 }
 
-// firstValues parses a raw query string: the first value of each name.
-// "&" and ";" both separate parameters (see credentials).
-func firstValues(q string) map[string]string {
+// queryValues parses a raw query string for CEL: each name's value, plus
+// the name as ASP.NET (case-insensitive) and PHP ("." and " " read as "_")
+// would read it, so a condition sees what any upstream sees. Only routes
+// whose CEL reads request.query get here, and their requests passed
+// queryAmbiguity: every name is there once, under every reading.
+func queryValues(q string) map[string]string {
 	m := map[string]string{}
-	for part := range strings.FieldsFuncSeq(q, func(r rune) bool { return r == '&' || r == ';' }) {
+	for part := range strings.SplitSeq(q, "&") {
+		if part == "" {
+			continue
+		}
 		k, v, _ := strings.Cut(part, "=")
 		uk, err1 := url.QueryUnescape(k)
 		uv, err2 := url.QueryUnescape(v)
 		if err1 != nil || err2 != nil {
 			continue
 		}
-		if _, dup := m[uk]; !dup {
-			m[strings.ToValidUTF8(uk, "\uFFFD")] = strings.ToValidUTF8(uv, "\uFFFD")
+		uv = strings.ToValidUTF8(uv, "\uFFFD")
+		m[uk] = uv
+		if loose := looseQueryName(uk); loose != uk {
+			m[loose] = uv
 		}
 	}
 	return m
 }
 
+// queryAmbiguity says why a query has no single reading ("" if it has
+// one): a name given twice (also as ASP.NET and PHP read names: "Tenant"
+// and "tenant", "a.b" and "a_b"), array-style names ("debug[]", which PHP
+// and Rack read as "debug"), ";" separators (read by some servers and Go's
+// older url.ParseQuery, not by others), and malformed percent-encoding.
+// Upstreams disagree on which value counts in each case, so a condition on
+// one value could be checked against another than the one served.
+func queryAmbiguity(q string) string {
+	if strings.IndexByte(q, ';') >= 0 {
+		return "the query has a ; separator, which servers read differently"
+	}
+	var seen map[string]struct{}
+	for part := range strings.SplitSeq(q, "&") {
+		if part == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(part, "=")
+		uk, err1 := url.QueryUnescape(k)
+		_, err2 := url.QueryUnescape(v)
+		switch {
+		case err1 != nil || err2 != nil:
+			return "the query has a malformed percent-encoding"
+		case !utf8.ValidString(uk) || strings.ContainsFunc(uk, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+			return "a query parameter's name is not UTF-8 text"
+		case strings.ContainsAny(uk, "[]"):
+			return "the query has an array-style parameter name ([ ])"
+		}
+		loose := looseQueryName(uk)
+		if seen == nil {
+			seen = map[string]struct{}{}
+		}
+		if _, dup := seen[loose]; dup {
+			return "the query names a parameter more than once"
+		}
+		seen[loose] = struct{}{}
+	}
+	return ""
+}
+
+// looseQueryName is a parameter name as the most lenient common servers
+// read it: case-insensitively (ASP.NET), with "." and " " as "_" (PHP).
+func looseQueryName(k string) string {
+	return strings.Map(func(r rune) rune {
+		if r == '.' || r == ' ' {
+			return '_'
+		}
+		return unicode.ToLower(r)
+	}, k)
+}
+
 // requestHeaders are the request's headers by lower-case name, from either
-// form Envoy sends (duplicates joined with ",", as Envoy joins them).
+// form Envoy sends. A repeated header is one value, its lines joined with
+// "," in the order received (RFC 9110 §5.3, as Envoy joins them), so a
+// condition comparing it with a single value is false. A name with "_" is
+// also there with "-" (CGI-style servers read x_tenant as x-tenant);
+// headerAmbiguity refused requests where both spellings came. Linear in
+// the number of headers.
 func requestHeaders(h *authv3.AttributeContext_HttpRequest) map[string]string {
-	m := make(map[string]string, len(h.GetHeaders())+len(h.GetHeaderMap().GetHeaders()))
+	hm := h.GetHeaderMap().GetHeaders()
+	m := make(map[string]string, len(h.GetHeaders())+len(hm))
 	for k, v := range h.GetHeaders() {
 		m[strings.ToLower(k)] = v
 	}
-	for _, hv := range h.GetHeaderMap().GetHeaders() {
-		k := strings.ToLower(hv.GetKey())
-		v := hv.GetValue()
-		if raw := hv.GetRawValue(); len(raw) > 0 {
-			v = strings.ToValidUTF8(string(raw), "\uFFFD")
+	if len(hm) > 0 {
+		lines := make(map[string][]string, len(hm))
+		var order []string
+		for k, v := range m {
+			lines[k] = []string{v}
+			order = append(order, k)
 		}
-		if prev, ok := m[k]; ok {
-			v = prev + "," + v
+		for _, hv := range hm {
+			k := strings.ToLower(hv.GetKey())
+			v := hv.GetValue()
+			if raw := hv.GetRawValue(); len(raw) > 0 {
+				v = strings.ToValidUTF8(string(raw), "\uFFFD")
+			}
+			if _, ok := lines[k]; !ok {
+				order = append(order, k)
+			}
+			lines[k] = append(lines[k], v)
 		}
-		m[k] = v
+		for _, k := range order {
+			m[k] = strings.Join(lines[k], ",")
+		}
+	}
+	for k, v := range m {
+		if strings.IndexByte(k, '_') >= 0 {
+			m[strings.ReplaceAll(k, "_", "-")] = v
+		}
 	}
 	return m
+}
+
+// headerAmbiguity says why the request's headers have no single reading
+// for CEL: two names that CGI-style servers read as one (x_tenant and
+// x-tenant).
+func headerAmbiguity(h *authv3.AttributeContext_HttpRequest) string {
+	var names map[string]string // dashed → as sent, lower case
+	see := func(k string) bool {
+		k = strings.ToLower(k)
+		d := strings.ReplaceAll(k, "_", "-")
+		if names == nil {
+			names = map[string]string{}
+		}
+		if prev, ok := names[d]; ok && prev != k {
+			return false
+		}
+		names[d] = k
+		return true
+	}
+	for k := range h.GetHeaders() {
+		if !see(k) {
+			return "the request has two headers that servers read as one (_ and -)"
+		}
+	}
+	for _, hv := range h.GetHeaderMap().GetHeaders() {
+		if !see(hv.GetKey()) {
+			return "the request has two headers that servers read as one (_ and -)"
+		}
+	}
+	return ""
 }
 
 // claimAdapter gives CEL the claims as decoded from JSON: numbers are

@@ -31,6 +31,7 @@ type decision struct {
 	cancelled  bool   // Envoy or the client gave up: counted as cancelled
 	issuer     string // the issuer a refused token named, when no result
 	detail     string // for the log line only: which condition, which error
+	retryAfter string // Retry-After, for 429
 	// DPoP challenges (RFC 9449 §7.1): the scheme ("" for Bearer), the
 	// accepted algorithms and a fresh nonce for use_dpop_nonce.
 	challenge, algs, dpopNonce string
@@ -72,6 +73,13 @@ func denyPolicy(reason, desc string) *decision {
 func denyNoRoute(reason, desc string) *decision {
 	return &decision{code: codes.PermissionDenied, httpStatus: typev3.StatusCode_Forbidden,
 		reason: reason, desc: desc}
+}
+
+// denyThrottled: the caller is over its share of provider calls (429).
+func denyThrottled() *decision {
+	return &decision{code: codes.ResourceExhausted, httpStatus: typev3.StatusCode_TooManyRequests,
+		reason: "throttled", desc: "too many requests with tokens that need the provider; retry later",
+		retryAfter: "1", quiet: true}
 }
 
 func errUnavailable(desc string) *decision {
@@ -116,6 +124,9 @@ func (d *decision) response(p *policy, reqHeaders map[string]string, headerMap [
 	hdrs := []*corev3.HeaderValueOption{setHeader("content-type", "application/json")}
 	if d.httpStatus == typev3.StatusCode_Unauthorized || d.oauthError != "" {
 		hdrs = append(hdrs, setHeader("www-authenticate", d.wwwAuthenticate(p.realm)))
+	}
+	if d.retryAfter != "" {
+		hdrs = append(hdrs, setHeader("retry-after", d.retryAfter))
 	}
 	if d.dpopNonce != "" {
 		hdrs = append(hdrs, setHeader("dpop-nonce", d.dpopNonce))
@@ -188,16 +199,28 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 	// no value, so a client's copy never reaches the upstream.
 	ok := &authv3.OkHttpResponse{Headers: d.set}
 	remove := d.remove
-	if p.reserved != "" {
+	if d.route != nil {
+		remove = append(remove, d.route.otherHeaders...)
+	}
+	{
 		// One pass over the request's headers, deduplicated after: a
 		// request with many reserved headers costs linear time, not a
-		// scan of the removal list per header.
+		// scan of the removal list per header. Besides the reserved
+		// prefix, a claim header sent with "_" for "-" (x_user_id) goes
+		// too: CGI-style upstreams read it as the claim header.
 		n := len(remove)
 		strip := func(k string) {
-			if len(k) >= len(p.reserved) && strings.EqualFold(k[:len(p.reserved)], p.reserved) {
+			if p.reserved != "" && len(k) >= len(p.reserved) && strings.EqualFold(k[:len(p.reserved)], p.reserved) {
 				k = strings.ToLower(k)
 				if d.route == nil || !d.route.isClaimHeader(k) {
 					remove = append(remove, k)
+				}
+				return
+			}
+			if strings.IndexByte(k, '_') >= 0 {
+				dashed := strings.ReplaceAll(strings.ToLower(k), "_", "-")
+				if p.claimHeaders[dashed] || p.reserved != "" && strings.HasPrefix(dashed, p.reserved) {
+					remove = append(remove, strings.ToLower(k))
 				}
 			}
 		}

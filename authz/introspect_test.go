@@ -475,16 +475,24 @@ func TestIntrospectionFloodIsBounded(t *testing.T) {
 	for i := range 100 {
 		resp := check(t, c, req{headers: bearer(fmt.Sprintf("made-up-%d", i))})
 		switch codes.Code(resp.GetStatus().GetCode()) {
-		case codes.Unavailable:
+		case codes.ResourceExhausted:
+			// Over budget is a deny for the caller (429), never
+			// "undecidable": failure_mode_allow must not let it through.
+			denied(t, resp, codes.ResourceExhausted, typev3.StatusCode_TooManyRequests)
+			if deniedHeader(resp, "retry-after") == "" {
+				t.Fatal("a 429 without Retry-After")
+			}
 			unavailable++
 		case codes.OK:
 			t.Fatal("a made-up token was allowed")
+		case codes.Unavailable:
+			t.Fatal("a caller over budget was answered undecidable (503)")
 		}
 	}
 	// The burst of 20, plus 20 a second for as long as the loop took.
 	bound := int64(20 + 20*time.Since(start).Seconds() + 1)
 	if n := f.idp.IntrospectionHits.Load(); n > bound || int64(unavailable) < 100-bound {
-		t.Fatalf("100 made-up tokens: %d provider calls (bound %d), %d answered 503", n, bound, unavailable)
+		t.Fatalf("100 made-up tokens: %d provider calls (bound %d), %d answered 429", n, bound, unavailable)
 	}
 	// Counted, not logged one by one.
 	if strings.Contains(logs.String(), "max_calls") || strings.Contains(logs.String(), "throttled") {
@@ -526,7 +534,7 @@ func TestIntrospectionFloodSharedFairly(t *testing.T) {
 						default:
 						}
 						resp := check(t, c, from("198.51.100.66", req{headers: bearer(fmt.Sprintf("made-up-%d-%d", w, i))}))
-						if codes.Code(resp.GetStatus().GetCode()) == codes.Unavailable {
+						if codes.Code(resp.GetStatus().GetCode()) == codes.ResourceExhausted {
 							floodUnavailable.Add(1)
 						}
 					}

@@ -3,9 +3,13 @@ package authz
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/big"
+	"slices"
 	"sort"
 	"strings"
+
+	"golang.org/x/text/unicode/norm"
 
 	"google.golang.org/protobuf/types/known/structpb"
 
@@ -22,6 +26,9 @@ type policy struct {
 	stripAuthz    bool
 	maxTokenBytes int
 	foldRoutes    bool // some route pattern has upper-case or non-ASCII letters
+	// claimHeaders are the names of every header any route sets, for
+	// removing CGI-style spellings (x_user_id) of them.
+	claimHeaders map[string]bool
 	clientHeader  string
 	schemeHeader  string
 	grpcErrors    bool                       // undecidable checks answer a gRPC UNAVAILABLE status
@@ -52,9 +59,9 @@ type route struct {
 	host   string // lower case; "*.x" for wildcard
 	path   string // canonical (decoded); "" for any
 	prefix string // canonical, without a trailing "/"; "" for any
-	// The same, case-folded, for the ambiguity check in match.
-	foldPath, foldPrefix string
-	methods              []string
+	// The same under each of pathReadings, for the ambiguity check in match.
+	readPats [len(pathReadings)]struct{ path, prefix string }
+	methods  []string
 	anonymous            bool
 	// allowMissing: no token is an allow without identity; a bad one a 401.
 	allowMissing bool
@@ -65,6 +72,13 @@ type route struct {
 	claims       []claimRule
 	when         []whenRule
 	headers      []claimHeader // sorted by name: the top-level ones with the route's merged over them
+	// otherHeaders are the claim headers other routes set and this one
+	// does not: removed on every allow here too, so a client's copy of a
+	// header some route sets never reaches an upstream.
+	otherHeaders []string
+	// The route's CEL reads the query or the headers: requests whose
+	// query or headers have no single reading are refused (400).
+	readsQuery, readsHeaders bool
 }
 
 // claimHeader is one upstream header of a route: from the first of claims
@@ -136,7 +150,7 @@ func compile(c *Config) (p *policy, err error) {
 		prefix, _, _ := canonicalPath(rc.Match.PathPrefix)
 		r := &route{
 			name: rc.Name, host: strings.ToLower(strings.TrimSuffix(rc.Match.Host, ".")), path: path,
-			prefix: strings.TrimSuffix(prefix, "/"), methods: rc.Match.Methods,
+			prefix: strings.TrimSuffix(prefix, "/"), methods: withHEAD(rc.Match.Methods),
 			anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, sender: senderModes[rc.SenderConstraint], scopes: rc.Scopes, metaName: structpb.NewStringValue(rc.Name),
 			vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
 		}
@@ -144,7 +158,9 @@ func compile(c *Config) (p *policy, err error) {
 			r.vpol.Issuers = allIssuers
 		}
 		// The prefix "/" becomes "" and matches every path.
-		r.foldPath, r.foldPrefix = foldCase(r.path), foldCase(r.prefix)
+		for k, rd := range pathReadings {
+			r.readPats[k].path, r.readPats[k].prefix = rd.fn(r.path), rd.fn(r.prefix)
+		}
 		if needsFold(r.path) || needsFold(r.prefix) {
 			p.foldRoutes = true
 		}
@@ -171,10 +187,45 @@ func compile(c *Config) (p *policy, err error) {
 		if r.headers, err = compileHeaders(c.Headers, rc.Headers); err != nil {
 			return nil, err
 		}
+		for _, w := range r.when {
+			r.notesInputs(w.expr)
+		}
+		for i := range r.headers {
+			if e := r.headers[i].expr; e != nil {
+				r.notesInputs(e)
+			}
+		}
 		p.routes = append(p.routes, r)
 		p.byName[r.name] = r
 	}
+	p.claimHeaders = map[string]bool{}
+	for _, r := range p.routes {
+		for i := range r.headers {
+			p.claimHeaders[r.headers[i].header] = true
+		}
+	}
+	all := slices.Sorted(maps.Keys(p.claimHeaders))
+	for _, r := range p.routes {
+		for _, h := range all {
+			if !r.isClaimHeader(h) {
+				r.otherHeaders = append(r.otherHeaders, h)
+			}
+		}
+		r.otherHeaders = slices.Clip(r.otherHeaders) // shared: an append must copy
+	}
 	return p, nil
+}
+
+// notesInputs records which request inputs with several readings e reads.
+func (r *route) notesInputs(e *celExpr) {
+	for _, v := range e.vars {
+		switch v {
+		case "request.query":
+			r.readsQuery = true
+		case "request.headers":
+			r.readsHeaders = true
+		}
+	}
 }
 
 // compileClaimValues turns a YAML value (scalar or list of scalars) into the
@@ -259,31 +310,76 @@ func (r *claimRule) describe() string {
 	return strings.Join(parts, " or ")
 }
 
-// match selects the route for a canonical request. When matching the path
-// case-insensitively would choose another route than matching it exactly
-// (/ADMIN against /admin and /, /PUBLIC/x against /public and /), the
-// request is ambiguous: a case-insensitive upstream serves the one, a
-// case-sensitive upstream the other, so neither is picked.
-func (p *policy) match(rq *request) (r *route, ambiguous bool) {
-	r = p.firstMatch(rq, rq.path, false)
-	if p.foldRoutes || needsFold(rq.path) {
-		if p.firstMatch(rq, foldCase(rq.path), true) != r {
-			return nil, true
-		}
-	}
-	return r, false
+// pathReading is one way a common upstream reads a path differently from
+// its exact bytes. Route patterns are read the same way, so a reading
+// selects the route that upstream would serve.
+type pathReading struct {
+	what   string // for the 400's description
+	reason string
+	fn     func(string) string
 }
 
-func (p *policy) firstMatch(rq *request, path string, folded bool) *route {
+var pathReadings = [...]pathReading{
+	{"Unicode case folding", "ambiguous_case", foldCase},
+	{"Java's equalsIgnoreCase", "ambiguous_case", javaFold},
+	{"NFKC normalization", "ambiguous_unicode", norm.NFKC.String},
+	{"NFKC normalization with case folding", "ambiguous_unicode", func(s string) string { return foldCase(norm.NFKC.String(s)) }},
+	{"NFKC normalization with Java's case folding", "ambiguous_unicode", func(s string) string { return javaFold(norm.NFKC.String(s)) }},
+}
+
+// withHEAD adds HEAD to a methods list with GET: every HTTP server answers
+// HEAD with its GET handler, so HEAD must be checked as the GET route is.
+func withHEAD(methods []string) []string {
+	if !slices.Contains(methods, "GET") || slices.Contains(methods, "HEAD") {
+		return methods
+	}
+	return append(slices.Clip(methods), "HEAD")
+}
+
+// ambiguity says why a request has no single route: another common reading
+// of its path selects another one.
+type ambiguity struct{ reason, desc string }
+
+// match selects the route for a canonical request. The route must be the
+// one every common reading of the path selects: the exact bytes, the path
+// with its trailing slash stripped (frameworks that serve /admin for
+// /admin/), Unicode and Java case-insensitive matching, NFKC normalization.
+// When any reading selects another route, the request is ambiguous (400):
+// an upstream reading it that way would serve a route whose policy was not
+// checked. The readings run only when they can differ: a path with upper
+// case or non-ASCII letters (or routes with them), or a trailing slash.
+func (p *policy) match(rq *request) (*route, *ambiguity) {
+	path := rq.path
+	r := p.firstMatch(rq, path, -1)
+	strip := len(path) > 1 && path[len(path)-1] == '/'
+	if strip && p.firstMatch(rq, path[:len(path)-1], -1) != r {
+		return nil, &ambiguity{"ambiguous_path", "the path without its trailing slash selects a different policy"}
+	}
+	if !p.foldRoutes && !needsFold(path) {
+		return r, nil
+	}
+	for k := range pathReadings {
+		rd := &pathReadings[k]
+		read := rd.fn(path)
+		if p.firstMatch(rq, read, k) != r || strip && p.firstMatch(rq, strings.TrimSuffix(read, "/"), k) != r {
+			return nil, &ambiguity{rd.reason, "the path read with " + rd.what + " selects a different policy"}
+		}
+	}
+	return r, nil
+}
+
+// firstMatch is the first route matching path as read by pathReadings[k]
+// (k < 0: as it is).
+func (p *policy) firstMatch(rq *request, path string, k int) *route {
 	for _, r := range p.routes {
-		if r.matches(rq.host, path, rq.method, folded) {
+		if r.matches(rq.host, path, rq.method, k) {
 			return r
 		}
 	}
 	return nil
 }
 
-func (r *route) matches(host, path, method string, folded bool) bool {
+func (r *route) matches(host, path, method string, k int) bool {
 	if r.host != "" {
 		if wild, ok := strings.CutPrefix(r.host, "*"); ok {
 			if !strings.HasSuffix(host, wild) || len(host) == len(wild) {
@@ -294,8 +390,8 @@ func (r *route) matches(host, path, method string, folded bool) bool {
 		}
 	}
 	exact, prefix := r.path, r.prefix
-	if folded {
-		exact, prefix = r.foldPath, r.foldPrefix
+	if k >= 0 {
+		exact, prefix = r.readPats[k].path, r.readPats[k].prefix
 	}
 	if exact != "" && path != exact {
 		return false

@@ -306,6 +306,13 @@ func foldCase(s string) string {
 	}, s)
 }
 
+// javaFold maps each rune as Java's String.equalsIgnoreCase compares it
+// (upper case, then lower case, rune by rune): it reads DOTLESS I as "i"
+// and CAPITAL I WITH DOT ABOVE as "i", which Unicode case folding does not.
+func javaFold(s string) string {
+	return strings.Map(func(r rune) rune { return unicode.ToLower(unicode.ToUpper(r)) }, s)
+}
+
 // needsFold reports whether s could fold differently than it compares: any
 // upper-case ASCII letter or non-ASCII rune.
 func needsFold(s string) bool {
@@ -317,67 +324,218 @@ func needsFold(s string) bool {
 	return false
 }
 
-// clientAddress is the requester's address: the configured header's (last
-// entry, for X-Forwarded-For style lists) or Envoy's source address.
-func clientAddress(req *authv3.CheckRequest, header string) string {
-	if header != "" {
-		h := req.GetAttributes().GetRequest().GetHttp()
-		v := pseudo(h, header, "")
-		if i := strings.LastIndexByte(v, ','); i >= 0 {
-			v = v[i+1:]
+// headerList is every value of header name, joined with "," in the order
+// received: what Envoy's headers map holds for a repeated header, built
+// from the raw header_map entries when Envoy sends those. A decision read
+// from it is the same whichever form Envoy used (RFC 9110 §5.3: repeated
+// field lines are one comma-separated list). Linear in the header count.
+func headerList(h *authv3.AttributeContext_HttpRequest, name string) (string, bool) {
+	var b []byte
+	n := 0
+	for _, hv := range h.GetHeaderMap().GetHeaders() {
+		if !strings.EqualFold(hv.GetKey(), name) {
+			continue
 		}
-		if v = strings.TrimSpace(v); v != "" {
-			return v
+		v := hv.GetRawValue()
+		if len(v) == 0 {
+			v = []byte(hv.GetValue())
+		}
+		if n > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, v...)
+		n++
+	}
+	if n > 0 {
+		return string(b), true
+	}
+	v, ok := h.GetHeaders()[name]
+	return v, ok
+}
+
+// lastListElement is the entry the nearest proxy added to a list header
+// (X-Forwarded-For, X-Forwarded-Proto, X-Real-IP): proxies append, so
+// everything before the last comma came from further away, possibly from
+// the client.
+func lastListElement(v string) string {
+	if i := strings.LastIndexByte(v, ','); i >= 0 {
+		v = v[i+1:]
+	}
+	return strings.TrimSpace(v)
+}
+
+// clientAddress is the requester's address: the last entry of the
+// configured header (the one the nearest trusted proxy added; repeated
+// headers count as one list) or Envoy's source address. The entry must be
+// an IP address, with or without a port; anything else is refused (ok
+// false), since a trusted proxy never writes one. IPv4-mapped IPv6
+// addresses read as IPv4.
+func clientAddress(req *authv3.CheckRequest, header string) (addr string, ok bool) {
+	if header != "" {
+		if v, present := headerList(req.GetAttributes().GetRequest().GetHttp(), header); present {
+			a, ok := parseClientAddr(lastListElement(v))
+			if !ok {
+				return "", false
+			}
+			return a.String(), true
 		}
 	}
-	return req.GetAttributes().GetSource().GetAddress().GetSocketAddress().GetAddress()
+	src := req.GetAttributes().GetSource().GetAddress().GetSocketAddress().GetAddress()
+	if a, ok := parseClientAddr(src); ok {
+		return a.String(), true
+	}
+	return src, true // a pipe or an unnamed peer: charged as it is named
+}
+
+// parseClientAddr reads "1.2.3.4", "1.2.3.4:80", "::1", "[::1]" or
+// "[::1]:80", without a zone.
+func parseClientAddr(s string) (netip.Addr, bool) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap.Addr().Unmap().WithZone(""), true
+	}
+	if inner, ok := strings.CutPrefix(s, "["); ok {
+		if s, ok = strings.CutSuffix(inner, "]"); !ok {
+			return netip.Addr{}, false
+		}
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return a.Unmap().WithZone(""), true
 }
 
 // xfccThumbprint reads the certificate of the last element of an Envoy
 // x-forwarded-client-cert header (the one the nearest, trusted, proxy
-// added): its Cert= (URL-encoded PEM) when present, else its Hash= (hex
-// SHA-256 of the DER), as base64url for x5t#S256.
+// appended) as base64url for x5t#S256: from its Cert= (URL-encoded PEM), or
+// its Hash= (hex SHA-256 of the DER); when both are there they must agree.
+// The whole header must parse by Envoy's grammar: the elements before the
+// last are the client's, and one that does not parse could hide where the
+// trusted element starts. So anything malformed is an error, never a guess.
 func xfccThumbprint(v string) (string, error) {
 	if v == "" {
 		return "", errors.New("the request has no client certificate")
 	}
-	elems := splitQuoted(v, ',')
-	var hash, cert string
-	for _, kv := range splitQuoted(elems[len(elems)-1], ';') {
-		k, val, _ := strings.Cut(strings.TrimSpace(kv), "=")
-		val = strings.Trim(val, `"`)
-		switch strings.ToLower(k) {
-		case "hash":
-			hash = val
-		case "cert":
-			cert = val
+	elems, err := parseXFCC(v)
+	if err != nil {
+		return "", err
+	}
+	last := elems[len(elems)-1]
+	var fromHash, fromCert string
+	if hash, ok := last["hash"]; ok {
+		sum, err := hex.DecodeString(hash)
+		if err != nil || len(sum) != sha256.Size {
+			return "", errors.New("the forwarded client certificate's Hash is not a hex SHA-256")
+		}
+		fromHash = base64.RawURLEncoding.EncodeToString(sum)
+	}
+	if cert, ok := last["cert"]; ok {
+		if fromCert, err = verify.CertificateThumbprint(cert); err != nil {
+			return "", errors.New("the forwarded client certificate's Cert: " + err.Error())
 		}
 	}
-	if cert != "" {
-		return verify.CertificateThumbprint(cert)
+	switch {
+	case fromCert != "" && fromHash != "" && fromCert != fromHash:
+		return "", errors.New("the forwarded client certificate's Cert and Hash disagree")
+	case fromCert != "":
+		return fromCert, nil
+	case fromHash != "":
+		return fromHash, nil
 	}
-	sum, err := hex.DecodeString(hash)
-	if err != nil || len(sum) != sha256.Size {
-		return "", errors.New("the forwarded client certificate has no Cert or Hash")
-	}
-	return base64.RawURLEncoding.EncodeToString(sum), nil
+	return "", errors.New("the forwarded client certificate has no Cert or Hash")
 }
 
-// splitQuoted splits s at sep outside double quotes (XFCC quotes values
-// that contain , ; or =).
-func splitQuoted(s string, sep byte) []string {
-	var out []string
-	quoted, start := false, 0
-	for i := 0; i < len(s); i++ {
-		switch {
-		case s[i] == '\\' && quoted && i+1 < len(s):
+// errXFCC is every grammar error: the header is refused as a whole.
+var errXFCC = errors.New("the x-forwarded-client-cert header is malformed")
+
+// parseXFCC parses an x-forwarded-client-cert value as Envoy writes it:
+// elements separated by commas, key=value pairs by semicolons, both
+// outside double quotes; a value holding , ; = or " is quoted, with \" and
+// \\ as its only escapes. Keys are case-insensitive (returned lower case);
+// By, Hash, Cert, Chain and Subject appear at most once an element (URI and
+// DNS may repeat: the last is kept). Optional whitespace around separators
+// is allowed; anything else that does not fit is errXFCC.
+func parseXFCC(v string) ([]map[string]string, error) {
+	var elems []map[string]string
+	cur := map[string]string{}
+	i := 0
+	skipOWS := func() {
+		for i < len(v) && (v[i] == ' ' || v[i] == '\t') {
 			i++
-		case s[i] == '"':
-			quoted = !quoted
-		case s[i] == sep && !quoted:
-			out = append(out, s[start:i])
-			start = i + 1
 		}
 	}
-	return append(out, s[start:])
+	for {
+		skipOWS()
+		ks := i
+		for i < len(v) && isXFCCKeyChar(v[i]) {
+			i++
+		}
+		key := strings.ToLower(v[ks:i])
+		if key == "" || i >= len(v) || v[i] != '=' {
+			return nil, errXFCC
+		}
+		i++
+		var val []byte
+		if i < len(v) && v[i] == '"' {
+			i++
+			closed := false
+			for i < len(v) && !closed {
+				switch c := v[i]; {
+				case c == '\\':
+					if i+1 >= len(v) || v[i+1] != '"' && v[i+1] != '\\' {
+						return nil, errXFCC
+					}
+					val = append(val, v[i+1])
+					i += 2
+				case c == '"':
+					closed = true
+					i++
+				case c < 0x20 || c == 0x7f:
+					return nil, errXFCC
+				default:
+					val = append(val, c)
+					i++
+				}
+			}
+			if !closed {
+				return nil, errXFCC
+			}
+		} else {
+			vs := i
+			for i < len(v) && v[i] != ';' && v[i] != ',' {
+				if c := v[i]; c == '"' || c == '\\' || c == '=' || c <= 0x20 || c == 0x7f {
+					if c == ' ' || c == '\t' {
+						break // trailing whitespace before a separator
+					}
+					return nil, errXFCC
+				}
+				i++
+			}
+			val = []byte(v[vs:i])
+		}
+		switch key {
+		case "by", "hash", "cert", "chain", "subject":
+			if _, dup := cur[key]; dup {
+				return nil, errXFCC
+			}
+		}
+		cur[key] = string(val)
+		skipOWS()
+		if i >= len(v) {
+			return append(elems, cur), nil
+		}
+		switch v[i] {
+		case ';':
+		case ',':
+			elems = append(elems, cur)
+			cur = map[string]string{}
+		default:
+			return nil, errXFCC
+		}
+		i++
+	}
+}
+
+func isXFCCKeyChar(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_'
 }

@@ -106,8 +106,14 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 
 func stepRequest(_ context.Context, c *check) *decision {
 	var d *decision
-	c.rq, d = canonicalRequest(c.h)
-	return d
+	if c.rq, d = canonicalRequest(c.h); d != nil {
+		return d
+	}
+	var ok bool
+	if c.rq.client, ok = clientAddress(c.req, c.pol.clientHeader); !ok {
+		return denyRequest("bad_client_address", "the "+c.pol.clientHeader+" header's last entry is not an IP address")
+	}
+	return nil
 }
 
 func stepRoute(_ context.Context, c *check) *decision {
@@ -117,17 +123,34 @@ func stepRoute(_ context.Context, c *check) *decision {
 			c.s.log.Error("context_extensions names an unknown route; check the Envoy route config", "route", name)
 			return denyNoRoute("unknown_route", "no policy for this route")
 		}
-		return nil
+		return c.singleReadings()
 	}
 	c.how = "matched"
-	r, ambiguous := c.pol.match(&c.rq)
+	r, amb := c.pol.match(&c.rq)
 	switch {
-	case ambiguous:
-		return denyRequest("ambiguous_case", "the path's letter case selects a different policy than its lower-case form")
+	case amb != nil:
+		return denyRequest(amb.reason, amb.desc)
 	case r == nil:
 		return denyNoRoute("no_route", "no route matches the request")
 	}
 	c.r = r
+	return c.singleReadings()
+}
+
+// singleReadings refuses a request whose query or headers, read by the
+// route's CEL, mean different things to different upstreams (400): a
+// condition on one value must not be met by another.
+func (c *check) singleReadings() *decision {
+	if c.r.readsQuery {
+		if why := queryAmbiguity(c.rq.query); why != "" {
+			return denyRequest("ambiguous_query", why)
+		}
+	}
+	if c.r.readsHeaders {
+		if why := headerAmbiguity(c.h); why != "" {
+			return denyRequest("ambiguous_headers", why)
+		}
+	}
 	return nil
 }
 
@@ -161,7 +184,7 @@ func (c *check) allowWithoutIdentity(reason string) *decision {
 
 func stepToken(ctx context.Context, c *check) *decision {
 	vp := c.r.vpol
-	vp.Client = clientAddress(c.req, c.pol.clientHeader)
+	vp.Client = c.rq.client
 	res, err := c.v.Verify(ctx, c.tok, vp)
 	if err == nil {
 		c.res = res
@@ -180,11 +203,11 @@ func stepToken(ctx context.Context, c *check) *decision {
 	case ve.Kind == verify.Invalid:
 		return denyInvalid(ve.Reason, ve.Desc)
 	case ve.Reason == verify.ReasonThrottled:
-		// Expected under a flood: counted (decision and provider
-		// metrics), not logged one by one.
-		d := errUnavailable("authorization is temporarily unavailable")
-		d.reason, d.quiet = verify.ReasonThrottled, true
-		return d
+		// The caller is over its share of provider calls: a deny for that
+		// caller, never "undecidable" (under failure_mode_allow that would
+		// let its own unverified requests through). Expected under a
+		// flood: counted, not logged one by one.
+		return denyThrottled()
 	}
 	// The cause names the issuer and endpoint, never the token.
 	c.s.log.Warn("no decision possible", "route", c.r.name, "issuer", ve.Issuer, "error", err.Error())
@@ -199,7 +222,7 @@ func stepRevocation(_ context.Context, c *check) *decision {
 	iat, _ := res.Claims.Time("iat")
 	kind, revoked := c.s.denylist.Revoked(cache.Token{
 		TokenHash: func() string { return cache.Hash(c.tok) },
-		Issuer:    res.Issuer.ID(), JTI: res.Claims.String("jti"), Sub: res.Claims.String("sub"), IAT: iat,
+		Issuer:    res.Issuer.ID(), JTI: res.Claims.Scalar("jti"), Sub: res.Claims.Scalar("sub"), IAT: iat,
 	})
 	if !revoked {
 		return nil
@@ -224,6 +247,10 @@ func stepBinding(ctx context.Context, c *check) *decision {
 	switch {
 	case b.Malformed:
 		return denyInvalid("malformed", "the token's cnf claim is malformed")
+	case b.Unsupported != "":
+		// A binding we cannot check must not make the token a bearer
+		// token: only sender_constraint none ignores it.
+		return denyInvalid("unsupported_binding", "the token is bound by a confirmation method this server cannot check (cnf."+b.Unsupported+")")
 	case !b.Bound() && c.scheme == schemeDPoP:
 		return c.dpopDeny(dp, verify.ReasonUnbound, "invalid_token", "the token is not DPoP-bound")
 	case !b.Bound() && c.r.sender == senderRequired:
@@ -244,8 +271,11 @@ func stepBinding(ctx context.Context, c *check) *decision {
 		}
 		scheme := c.rq.scheme
 		if c.pol.schemeHeader != "" {
-			if v, _ := singleHeader(c.h, c.pol.schemeHeader); v != "" {
-				scheme = strings.ToLower(strings.TrimSpace(v))
+			if v, ok := headerList(c.h, c.pol.schemeHeader); ok {
+				// The entry the nearest trusted proxy added.
+				if scheme = strings.ToLower(lastListElement(v)); scheme != "http" && scheme != "https" {
+					return denyRequest("bad_scheme", "the "+c.pol.schemeHeader+" header's last entry is not http or https")
+				}
 			}
 		}
 		err := dp.Check(ctx, proof, verify.ProofRequest{Method: c.rq.method,
@@ -297,7 +327,7 @@ func (c *check) clientCertThumbprint() (string, error) {
 		}
 		return verify.CertificateThumbprint(pem)
 	}
-	v, _ := singleHeader(c.h, c.pol.certHeader)
+	v, _ := headerList(c.h, c.pol.certHeader)
 	return xfccThumbprint(v)
 }
 
@@ -393,7 +423,6 @@ func (c *check) claimHeader(ch *claimHeader) (string, bool) {
 
 func (c *check) bindVars() {
 	if c.vars.rq == nil {
-		c.rq.client = clientAddress(c.req, c.pol.clientHeader)
 		c.vars = celVars{rq: &c.rq, h: c.h, ctxExt: c.req.GetAttributes().GetContextExtensions(), res: c.res, route: c.r.name}
 	}
 }
@@ -416,8 +445,8 @@ func (t *trail) step(name string, c *check, d *decision) {
 		switch {
 		case d != nil && c.how == "named":
 			t.add("context_extensions names route %q, which the config does not have", c.req.GetAttributes().GetContextExtensions()["route"])
-		case d != nil && d.reason == "ambiguous_case":
-			t.add("%s %s on host %q: exact and case-insensitive matching choose different routes", c.rq.method, c.rq.path, c.rq.host)
+		case d != nil && strings.HasPrefix(d.reason, "ambiguous_"):
+			t.add("%s %s on host %q: %s, so an upstream could serve another route than the one checked", c.rq.method, c.rq.path, c.rq.host, d.desc)
 		case d != nil:
 			t.add("no route matches %s %s on host %q", c.rq.method, c.rq.path, c.rq.host)
 		case c.how == "named":

@@ -616,12 +616,19 @@ func (s *Shared) Claim(ctx context.Context, name string, ttl time.Duration) (fir
 // Secret returns the fleet's random secret called name (32 bytes), made by
 // the first pod that asks: every pod gets the same one.
 func (s *Shared) Secret(ctx context.Context, name string) ([]byte, error) {
-	key := s.Key("secret:" + name)
 	fresh := make([]byte, 32)
 	_, _ = rand.Read(fresh)
+	return s.SecretOr(ctx, name, fresh)
+}
+
+// SecretOr returns the fleet's secret called name, storing mine as it when
+// Redis has none (never set, or its data lost): the first pod's secret
+// wins, and a pod's own is written back after Redis lost it.
+func (s *Shared) SecretOr(ctx context.Context, name string, mine []byte) ([]byte, error) {
+	key := s.Key("secret:" + name)
 	var val string
 	err := s.do(ctx, func(ctx context.Context) error {
-		if _, err := s.rdb.SetNX(ctx, key, hex.EncodeToString(fresh), 0).Result(); err != nil {
+		if _, err := s.rdb.SetNX(ctx, key, hex.EncodeToString(mine), 0).Result(); err != nil {
 			return err
 		}
 		var err error

@@ -3,6 +3,7 @@ package verify
 import (
 	"encoding/json"
 	"math"
+	"math/big"
 	"strconv"
 	"strings"
 	"time"
@@ -62,6 +63,30 @@ func (c Claims) lookup(path string) (any, bool) {
 func (c Claims) String(name string) string {
 	s, _ := c[name].(string)
 	return s
+}
+
+// Scalar is a claim of any JSON scalar type as text, for matching claims
+// against operator input (revocation by jti or sub): a string as it is, a
+// number in its shortest exact decimal form ("123" for 123, 123.0 and
+// 1.23e2), true or false. Objects, arrays and null are not scalars ("").
+func (c Claims) Scalar(name string) string {
+	switch v := c[name].(type) {
+	case string:
+		return v
+	case bool:
+		return strconv.FormatBool(v)
+	case json.Number:
+		r, ok := new(big.Rat).SetString(string(v))
+		if !ok {
+			return string(v)
+		}
+		if r.IsInt() {
+			return r.Num().String()
+		}
+		f, _ := r.Float64()
+		return strconv.FormatFloat(f, 'g', -1, 64)
+	}
+	return ""
 }
 
 // Scopes returns the token's scopes from a space-delimited "scope" string

@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/hmac"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
@@ -68,13 +69,22 @@ type Binding struct {
 	JKT       string // cnf.jkt: base64url SHA-256 JWK thumbprint (RFC 7638)
 	X5TS256   string // cnf.x5t#S256: base64url SHA-256 of the certificate's DER
 	Malformed bool   // cnf is present but not an object of strings
+	// Unsupported names a cnf member this server cannot check (jwk, kid,
+	// x5t, a differently-cased JKT, …), or "{}" for an empty cnf: the
+	// token is bound, to something we cannot verify.
+	Unsupported string
 }
 
-// Bound reports whether the token names a key or certificate.
-func (b Binding) Bound() bool { return b.JKT != "" || b.X5TS256 != "" || b.Malformed }
+// Bound reports whether the token carries a confirmation (checkable or not).
+func (b Binding) Bound() bool {
+	return b.JKT != "" || b.X5TS256 != "" || b.Malformed || b.Unsupported != ""
+}
 
 // Binding reads the result's cnf claim: the token's, or the introspection
-// answer's (RFC 9449 §6.2, RFC 8705 §3.2).
+// answer's (RFC 9449 §6.2, RFC 8705 §3.2). Member names are exact (JSON is
+// case-sensitive); any member besides jkt and x5t#S256 is a confirmation
+// method we do not check, and so makes the binding unsupported, never
+// ignored.
 func (r *Result) Binding() Binding {
 	v, ok := r.Claims["cnf"]
 	if !ok {
@@ -85,15 +95,24 @@ func (r *Result) Binding() Binding {
 		return Binding{Malformed: true}
 	}
 	var b Binding
-	if j, present := m["jkt"]; present {
-		if b.JKT, ok = j.(string); !ok || b.JKT == "" {
-			return Binding{Malformed: true}
+	for name, val := range m {
+		switch name {
+		case "jkt":
+			if b.JKT, ok = val.(string); !ok || b.JKT == "" {
+				return Binding{Malformed: true}
+			}
+		case "x5t#S256":
+			if b.X5TS256, ok = val.(string); !ok || b.X5TS256 == "" {
+				return Binding{Malformed: true}
+			}
+		default:
+			if b.Unsupported == "" || name < b.Unsupported { // deterministic: the first by name
+				b.Unsupported = name
+			}
 		}
 	}
-	if x, present := m["x5t#S256"]; present {
-		if b.X5TS256, ok = x.(string); !ok || b.X5TS256 == "" {
-			return Binding{Malformed: true}
-		}
+	if len(m) == 0 {
+		b.Unsupported = "{}"
 	}
 	return b
 }
@@ -119,30 +138,73 @@ func badProof(desc string) *Error {
 	return &Error{Kind: Invalid, Reason: ReasonInvalidProof, Desc: desc}
 }
 
-// proofs checks DPoP proofs for one issuer.
+// proofs checks DPoP proofs for one issuer. What must outlive a reload
+// (seen jtis, nonce keys, parsed proof keys) is in mem, shared by every
+// issuer of the process and keyed by the issuer's identity (its iss).
 type proofs struct {
-	cfg     DPoPConfig
-	algs    map[string]algSpec
-	leeway  time.Duration
-	now     func() time.Time
-	seen    jtiSet // proof jtis seen here, until they are too old anyway
-	keysMu  sync.RWMutex
-	keys    map[string]*proofKey // the proof jwk's JSON → its parsed key: parsed once
-	shared  *cache.Shared
-	issuer  string
-	nonceMu sync.Mutex
-	nonceK  []byte
+	cfg    DPoPConfig
+	algs   map[string]algSpec
+	leeway time.Duration
+	now    func() time.Time
+	mem    *dpopMemory
+	shared *cache.Shared
+	issuer string
 }
 
 type proofKey struct {
 	key verifyKey
 	jkt string
-	err error
 }
 
-const maxProofKeys = 10000
+// dpopMemory is the process's DPoP state, carried from Verifier to
+// Verifier by Reload: a reload that changes an issuer must not forget the
+// proofs it has seen, or a proof could be replayed right after it.
+type dpopMemory struct {
+	seen jtiSet
+	// since is when seen started: a proof made before it may have been
+	// seen by a process before this one, so it is accepted only when Redis
+	// vouches for its jti.
+	since time.Time
+	// keys are parsed proof keys by the SHA-256 of their JSON: a client
+	// signs every proof with one key. Bounded by bytes and age, so a flood
+	// of distinct keys evicts, never grows; failures are not kept.
+	keys *cache.Cache[*proofKey]
 
-func newProofs(c *DPoPConfig, leeway time.Duration, now func() time.Time, shared *cache.Shared, issuer string) *proofs {
+	mu     sync.Mutex
+	nonces map[string]*nonceKeys // by iss
+}
+
+const (
+	proofKeyCacheBytes = 4 << 20
+	proofKeyTTL        = 10 * time.Minute
+)
+
+func newDPoPMemory(now func() time.Time) *dpopMemory {
+	return &dpopMemory{
+		since: now(),
+		keys: cache.New(cache.Options{MaxBytes: proofKeyCacheBytes, Now: now}, func(k *proofKey) int {
+			n := 64 + len(k.jkt)
+			if pk, ok := k.key.raw.(*rsa.PublicKey); ok {
+				n += len(pk.N.Bits()) * 8
+			}
+			return n
+		}),
+		nonces: map[string]*nonceKeys{},
+	}
+}
+
+func (m *dpopMemory) nonceKeysOf(iss string) *nonceKeys {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	nk := m.nonces[iss]
+	if nk == nil {
+		nk = &nonceKeys{}
+		m.nonces[iss] = nk
+	}
+	return nk
+}
+
+func newProofs(c *DPoPConfig, leeway time.Duration, now func() time.Time, shared *cache.Shared, issuer string, mem *dpopMemory) *proofs {
 	cfg := *c
 	if len(cfg.Algorithms) == 0 {
 		cfg.Algorithms = defaultDPoPAlgorithms
@@ -150,14 +212,17 @@ func newProofs(c *DPoPConfig, leeway time.Duration, now func() time.Time, shared
 	if cfg.MaxAge == 0 {
 		cfg.MaxAge = defaultDPoPMaxAge
 	}
-	p := &proofs{cfg: cfg, algs: map[string]algSpec{}, leeway: leeway, now: now, shared: shared, issuer: issuer,
-		keys: map[string]*proofKey{}}
-	p.seen.window = cfg.MaxAge + 2*leeway
+	p := &proofs{cfg: cfg, algs: map[string]algSpec{}, leeway: leeway, now: now, shared: shared, issuer: issuer, mem: mem}
+	mem.seen.atLeast(p.window())
 	for _, a := range cfg.Algorithms {
 		p.algs[a] = algorithms[a]
 	}
 	return p
 }
+
+// window is how long a proof's jti must be remembered: as long as a proof
+// carrying it could be accepted.
+func (p *proofs) window() time.Duration { return p.cfg.MaxAge + 2*p.leeway }
 
 // AlgList is the WWW-Authenticate algs attribute.
 func (p *proofs) AlgList() string { return strings.Join(p.cfg.Algorithms, " ") }
@@ -210,17 +275,18 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 	if !ok {
 		return badProof("the DPoP proof's alg is not accepted")
 	}
-	pk := p.key(hdr.JWK)
-	if pk.err != nil {
-		return pk.err
+	// Cheap checks first, the signature last but one: a proof that fails
+	// any rule costs no public-key operation, whatever key it carries.
+	pk, err := p.key(hdr.JWK)
+	if err != nil {
+		return err
 	}
 	if !pk.key.fits(hdr.Alg, spec) {
 		return badProof("the DPoP proof's jwk does not fit its alg")
 	}
-	if spec.verifier.Verify([]byte(proof[:len(h)+1+len(pl)]), sig, pk.key.raw) != nil {
-		return badProof("the DPoP proof's signature is invalid")
+	if pk.jkt != r.JKT {
+		return &Error{Kind: Invalid, Reason: "dpop_key_mismatch", Desc: "the token is bound to another key than the DPoP proof's"}
 	}
-
 	var claims struct {
 		JTI   *string  `json:"jti"`
 		HTM   *string  `json:"htm"`
@@ -243,8 +309,6 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 		return badProof("the DPoP proof has no iat")
 	case claims.ATH == nil || *claims.ATH != accessTokenHash(r.Token):
 		return badProof("the DPoP proof's ath does not match the access token")
-	case pk.jkt != r.JKT:
-		return &Error{Kind: Invalid, Reason: "dpop_key_mismatch", Desc: "the token is bound to another key than the DPoP proof's"}
 	}
 	now := p.now()
 	iat := *claims.IAT
@@ -258,69 +322,89 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 	if issued.After(now.Add(p.leeway)) {
 		return badProof("the DPoP proof is issued in the future")
 	}
+	if spec.verifier.Verify([]byte(proof[:len(h)+1+len(pl)]), sig, pk.key.raw) != nil {
+		return badProof("the DPoP proof's signature is invalid")
+	}
 	if p.cfg.Nonce && (claims.Nonce == nil || !p.validNonce(ctx, *claims.Nonce)) {
 		return &Error{Kind: Invalid, Reason: ReasonUseNonce, Desc: "a fresh DPoP nonce is required"}
 	}
 	// Replay: each proof is used once, here and across the fleet. A jti is
-	// remembered as long as a proof carrying it could be accepted.
-	window := p.cfg.MaxAge + 2*p.leeway
+	// remembered as long as a proof carrying it could be accepted, under
+	// the issuer's identity, across reloads (mem) and, with Redis, across
+	// restarts and pods.
 	jtiKey := "dpop-jti:" + p.issuer + ":" + cache.Hash(pk.jkt, *claims.JTI)
-	if !p.seen.add(jtiKey, now) {
+	if !p.mem.seen.add(jtiKey, now) {
 		return badProof("the DPoP proof has been used before")
 	}
+	vouched := false
 	if p.shared != nil {
-		first, err := p.shared.Claim(ctx, jtiKey, window)
+		first, err := p.shared.Claim(ctx, jtiKey, p.window())
 		if err == nil && !first {
 			return badProof("the DPoP proof has been used before")
 		}
-		// A Redis failure leaves the check on this pod only: Redis is a
-		// shortcut, never a dependency (see the README's DPoP section).
+		vouched = err == nil
+	}
+	// Without Redis's word, this process knows only the proofs it saw: one
+	// made before it started may have been used with the process before
+	// (a restart, a new pod). The client makes a new proof.
+	if !vouched && issued.Before(p.mem.since.Truncate(time.Second)) {
+		return badProof("the DPoP proof predates this server's replay memory; make a new proof")
 	}
 	return nil
 }
 
-// key parses a proof's jwk once: a client signs every proof with the same
-// key. The cache is bounded; past the bound, keys are parsed every time.
-func (p *proofs) key(raw []byte) *proofKey {
-	p.keysMu.RLock()
-	pk, ok := p.keys[string(raw)] // no allocation for the lookup
-	p.keysMu.RUnlock()
-	if ok {
-		return pk
+// key parses a proof's jwk, once per key while it is in use.
+func (p *proofs) key(raw []byte) (*proofKey, error) {
+	sum := sha256.Sum256(raw)
+	id := string(sum[:])
+	if pk, ok := p.mem.keys.Peek(id); ok {
+		return pk, nil
 	}
-	pk = parseProofKey(raw)
-	p.keysMu.Lock()
-	if len(p.keys) < maxProofKeys {
-		p.keys[string(raw)] = pk
+	pk, err := parseProofKey(raw)
+	if err != nil {
+		return nil, err // not kept: a bad key must not evict good ones
 	}
-	p.keysMu.Unlock()
-	return pk
+	p.mem.keys.Set(id, pk, proofKeyTTL)
+	return pk, nil
 }
 
-func parseProofKey(raw []byte) *proofKey {
+// Proof key bounds: RSA moduli of 2048 to 4096 bits (a larger one would make
+// every verify cost milliseconds), exponents odd and at most 65537.
+const (
+	minProofRSABits = 2048
+	maxProofRSABits = 4096
+	maxRSAExponent  = 65537
+)
+
+func parseProofKey(raw []byte) (*proofKey, error) {
 	var members map[string]json.RawMessage
 	if json.Unmarshal(raw, &members) != nil {
-		return &proofKey{err: badProof("the DPoP proof's jwk is not a JSON object")}
+		return nil, badProof("the DPoP proof's jwk is not a JSON object")
 	}
 	for _, private := range []string{"d", "p", "q", "dp", "dq", "qi", "oth", "k"} {
 		if _, ok := members[private]; ok {
-			return &proofKey{err: badProof("the DPoP proof's jwk holds private or symmetric key material")}
+			return nil, badProof("the DPoP proof's jwk holds private or symmetric key material")
 		}
 	}
 	k, err := jwk.ParseKey(raw)
 	if err != nil {
-		return &proofKey{err: badProof("the DPoP proof's jwk is not a public key")}
+		return nil, badProof("the DPoP proof's jwk is not a public key")
 	}
 	vk, ok := toVerifyKey(k)
 	if !ok {
-		return &proofKey{err: badProof("the DPoP proof's jwk is not a usable public key")}
+		return nil, badProof("the DPoP proof's jwk is not a usable public key")
+	}
+	if rk, isRSA := vk.raw.(*rsa.PublicKey); isRSA {
+		if bits := rk.N.BitLen(); bits < minProofRSABits || bits > maxProofRSABits || rk.E < 3 || rk.E > maxRSAExponent || rk.E%2 == 0 {
+			return nil, badProof("the DPoP proof's RSA key is outside the accepted sizes (2048 to 4096 bits, exponent odd and at most 65537)")
+		}
 	}
 	vk.alg = "" // the proof's alg is checked against the issuer's list
 	tp, err := k.Thumbprint(crypto.SHA256)
 	if err != nil {
-		return &proofKey{err: badProof("the DPoP proof's jwk has no thumbprint")}
+		return nil, badProof("the DPoP proof's jwk has no thumbprint")
 	}
-	return &proofKey{key: vk, jkt: base64.RawURLEncoding.EncodeToString(tp)}
+	return &proofKey{key: vk, jkt: base64.RawURLEncoding.EncodeToString(tp)}, nil
 }
 
 // sameTarget compares a proof's htu with the request's URI: scheme and host
@@ -384,33 +468,84 @@ func accessTokenHash(tok string) string {
 }
 
 // Nonces are stateless: the time they were issued and an HMAC over it with
-// a key shared by the fleet (through Redis; without it, this pod's own),
-// valid for max_age.
-func (p *proofs) nonceKey(ctx context.Context) []byte {
-	p.nonceMu.Lock()
-	defer p.nonceMu.Unlock()
-	if p.nonceK != nil {
-		return p.nonceK
+// a key shared by the fleet through Redis (without Redis, this process's
+// own), valid for max_age.
+//
+// nonceKeys are one issuer's nonce keys. The pod starts with a key of its
+// own and agrees with Redis on first use and every nonceResync after (and
+// at once, at most every second, when a nonce fails): Redis's key wins,
+// and where Redis has none (never set, or its data lost) ours is written
+// back, as revocations are. A key replaced by the agreement stays valid
+// for the nonces it made, so a pod that could not reach Redis when it
+// first needed a key still accepts the nonces it issued.
+type nonceKeys struct {
+	mu      sync.Mutex
+	cur     []byte
+	old     []oldNonceKey
+	synced  time.Time // zero: never agreed with Redis
+	syncing sync.Mutex
+}
+
+type oldNonceKey struct {
+	key   []byte
+	until time.Time
+}
+
+const (
+	nonceResync = 10 * time.Second
+	// maxOldNonceKeys bounds the replaced keys kept (each for the longest
+	// max_age, 10 minutes).
+	maxOldNonceKeys = 4
+)
+
+// keys returns the key to issue with and every key to accept.
+func (p *proofs) nonceKeys(ctx context.Context, urgent bool) (cur []byte, all [][]byte) {
+	nk := p.mem.nonceKeysOf(p.issuer)
+	now := p.now()
+	nk.mu.Lock()
+	if nk.cur == nil {
+		nk.cur = make([]byte, 32)
+		_, _ = rand.Read(nk.cur)
 	}
-	if p.shared != nil {
-		if k, err := p.shared.Secret(ctx, "dpop-nonce-key:"+p.issuer); err == nil {
-			p.nonceK = k
-			return k
+	since := now.Sub(nk.synced)
+	due := p.shared != nil && (nk.synced.IsZero() || since >= nonceResync || urgent && since >= time.Second)
+	mine := nk.cur
+	nk.mu.Unlock()
+	if due && nk.syncing.TryLock() {
+		got, err := p.shared.SecretOr(ctx, "dpop-nonce-key:"+p.issuer, mine)
+		nk.mu.Lock()
+		if err == nil && !hmac.Equal(got, nk.cur) {
+			nk.old = append(nk.old, oldNonceKey{key: nk.cur, until: now.Add(10 * time.Minute)})
+			if len(nk.old) > maxOldNonceKeys {
+				nk.old = nk.old[len(nk.old)-maxOldNonceKeys:]
+			}
+			nk.cur = got
+		}
+		// After a failure, try again in a second, not on every request.
+		nk.synced = now
+		if err != nil {
+			nk.synced = now.Add(time.Second - nonceResync)
+		}
+		nk.mu.Unlock()
+		nk.syncing.Unlock()
+	}
+	nk.mu.Lock()
+	defer nk.mu.Unlock()
+	all = append(all, nk.cur)
+	for _, o := range nk.old {
+		if now.Before(o.until) {
+			all = append(all, o.key)
 		}
 	}
-	k := make([]byte, 32)
-	_, _ = rand.Read(k)
-	if p.shared == nil {
-		p.nonceK = k // with Redis, try again next time
-	}
-	return k
+	return nk.cur, all
 }
 
 // Nonce issues a fresh nonce.
 func (p *proofs) Nonce(ctx context.Context) string {
+	key, _ := p.nonceKeys(ctx, false)
 	var b [8 + 32]byte
 	binary.BigEndian.PutUint64(b[:8], uint64(p.now().Unix()))
-	m := hmac.New(sha256.New, p.nonceKey(ctx))
+	m := hmac.New(sha256.New, key)
 	m.Write(b[:8])
 	copy(b[8:], m.Sum(nil))
 	return base64.RawURLEncoding.EncodeToString(b[:])
@@ -421,14 +556,28 @@ func (p *proofs) validNonce(ctx context.Context, n string) bool {
 	if err != nil || len(b) != 40 {
 		return false
 	}
-	m := hmac.New(sha256.New, p.nonceKey(ctx))
-	m.Write(b[:8])
-	if !hmac.Equal(m.Sum(nil), b[8:]) {
-		return false
-	}
 	issued := time.Unix(int64(binary.BigEndian.Uint64(b[:8])), 0)
 	now := p.now()
-	return !issued.After(now.Add(p.leeway)) && now.Sub(issued) <= p.cfg.MaxAge
+	if issued.After(now.Add(p.leeway)) || now.Sub(issued) > p.cfg.MaxAge {
+		return false
+	}
+	signedBy := func(keys [][]byte) bool {
+		for _, k := range keys {
+			m := hmac.New(sha256.New, k)
+			m.Write(b[:8])
+			if hmac.Equal(m.Sum(nil), b[8:]) {
+				return true
+			}
+		}
+		return false
+	}
+	_, keys := p.nonceKeys(ctx, false)
+	if signedBy(keys) {
+		return true
+	}
+	// Perhaps another pod's key that Redis now holds: agree, then look again.
+	_, keys = p.nonceKeys(ctx, true)
+	return signedBy(keys)
 }
 
 // CertificateThumbprint is base64url(SHA-256(DER)) of the first certificate
@@ -479,12 +628,19 @@ func (p *Proofs) NonceRequired() bool { return p.p.cfg.Nonce }
 // the older dropped when the newer is window old. It is exact (nothing is
 // evicted early, as a size-bounded cache might under a flood); its size is
 // the valid proofs of two windows, each of which needed a bound token and
-// its private key to make.
+// its private key to make. The window is the longest any issuer needs.
 type jtiSet struct {
 	mu        sync.Mutex
 	cur, prev map[string]struct{}
 	rotated   time.Time
 	window    time.Duration
+}
+
+// atLeast makes the set remember jtis for at least w.
+func (s *jtiSet) atLeast(w time.Duration) {
+	s.mu.Lock()
+	s.window = max(s.window, w)
+	s.mu.Unlock()
 }
 
 func (s *jtiSet) add(key string, now time.Time) (fresh bool) {

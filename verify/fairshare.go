@@ -1,6 +1,7 @@
 package verify
 
 import (
+	"net/netip"
 	"sync"
 	"time"
 
@@ -63,6 +64,7 @@ func (b *callBudget) clientBucket(client string) *rate.Limiter {
 	if client == "" {
 		client = overflowClient
 	}
+	client = bucketName(client)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if l, ok := b.clients[client]; ok {
@@ -85,4 +87,17 @@ func (b *callBudget) clientBucket(client string) *rate.Limiter {
 	l := rate.NewLimiter(b.perClient, b.burst)
 	b.clients[client] = l
 	return l
+}
+
+// bucketName is the bucket a client address is charged to: an IPv6 client
+// is its /64 (one host is routinely given a whole /64, and could otherwise
+// take a fresh address per request to get a fresh share), an IPv4 client
+// its address. Anything else is charged as it is named.
+func bucketName(client string) string {
+	a, err := netip.ParseAddr(client)
+	if err != nil || !a.Is6() || a.Is4In6() {
+		return client
+	}
+	p, _ := a.WithZone("").Prefix(64)
+	return p.String()
 }

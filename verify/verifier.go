@@ -68,6 +68,7 @@ type Verifier struct {
 	now      func() time.Time
 	answers  *answers
 	verified *cache.Cache[*verified] // nil when disabled
+	dpop     *dpopMemory             // DPoP state that outlives reloads
 	shared   *cache.Shared
 	tel      *telemetry
 	opts     Options
@@ -132,7 +133,7 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 		}
 		ver = cache.New(cache.Options{MaxBytes: o.VerifiedTokens.MaxBytes, Now: o.Now}, func(e *verified) int { return e.size })
 	}
-	v, err := build(cfgs, o, tel, answers, nil)
+	v, err := build(cfgs, o, tel, answers, newDPoPMemory(o.Now), nil)
 	if v != nil {
 		v.verified = ver
 	}
@@ -144,7 +145,7 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 // refresh loop, and shares v's answer cache. Start the new Verifier, swap it
 // in, then Retire v.
 func (v *Verifier) Reload(cfgs []IssuerConfig) (*Verifier, error) {
-	nv, err := build(cfgs, v.opts, v.tel, v.answers, v)
+	nv, err := build(cfgs, v.opts, v.tel, v.answers, v.dpop, v)
 	if nv != nil {
 		nv.verified = v.verified // entries of changed issuers are ignored on use
 	}
@@ -166,10 +167,10 @@ func followBound(cfgs []IssuerConfig) time.Duration {
 	return d + time.Second
 }
 
-func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, prev *Verifier) (*Verifier, error) {
+func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem *dpopMemory, prev *Verifier) (*Verifier, error) {
 	answers.FollowFor(followBound(cfgs))
 	v := &Verifier{tel: tel, byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
-		answers: answers, shared: o.Shared, opts: o}
+		answers: answers, shared: o.Shared, opts: o, dpop: mem}
 	for idx := range cfgs {
 		c := cfgs[idx]
 		if p := c.Validate(); len(p) > 0 {
@@ -187,7 +188,7 @@ func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, pre
 			is = prev.byName[c.Name]
 		} else {
 			var err error
-			if is, err = newIssuer(c, o, tel); err != nil {
+			if is, err = newIssuer(c, o, tel, mem); err != nil {
 				return nil, fmt.Errorf("verify: issuer %q: %w", c.Name, err)
 			}
 			is.id = id
@@ -226,7 +227,7 @@ func identity(c IssuerConfig) string {
 	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
-func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
+func newIssuer(c IssuerConfig, o Options, tel *telemetry, mem *dpopMemory) (*Issuer, error) {
 	is := &Issuer{tel: tel, cfg: c, name: c.Name, leeway: c.leeway(), algs: map[string]algSpec{}, auds: map[string]struct{}{}}
 	for _, a := range c.Algorithms {
 		is.algs[a] = algorithms[a]
@@ -239,7 +240,7 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry) (*Issuer, error) {
 		if now == nil {
 			now = time.Now
 		}
-		is.dpop = newProofs(c.DPoP, is.leeway, now, o.Shared, c.Issuer)
+		is.dpop = newProofs(c.DPoP, is.leeway, now, o.Shared, c.Issuer, mem)
 	}
 	keys := c.Keys.withDefaults()
 	if secret, err := c.hmacSecret(); err != nil {

@@ -34,13 +34,20 @@ var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
 // adminHandler serves the admin API, authenticated with a bearer token
 // compared in constant time. The token and the issuers jti and sub
 // revocations name are the ones in force: both change with a reload.
-func adminHandler(lv *live, dl *cache.Denylist, defaultTTL time.Duration) http.Handler {
+//
+// It is mounted whether or not a token is configured, so that a token added
+// by a reload turns it on (and one removed turns it off) without a restart.
+func adminHandler(lv *live, dl *cache.Denylist) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /admin/revoke", func(w http.ResponseWriter, r *http.Request) {
+		want := lv.adminToken.Load()
+		if want == nil {
+			adminError(w, http.StatusNotFound, "the admin API is off: no admin token is configured (server.admin_token_file or server.admin_token_env)")
+			return
+		}
 		got, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		sum := sha256.Sum256([]byte(got))
-		want := lv.adminToken.Load()
-		if want == nil || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+		if subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="tokenauthz-admin"`)
 			adminError(w, http.StatusUnauthorized, "a valid admin token is required")
 			return
@@ -57,7 +64,7 @@ func adminHandler(lv *live, dl *cache.Denylist, defaultTTL time.Duration) http.H
 			adminError(w, http.StatusBadRequest, err.Error())
 			return
 		}
-		ttl := defaultTTL
+		ttl := time.Duration(lv.revocationTTL.Load())
 		if req.TTL != "" {
 			if ttl, err = time.ParseDuration(req.TTL); err != nil || ttl <= 0 || ttl > maxRevocationTTL {
 				adminError(w, http.StatusBadRequest, fmt.Sprintf("ttl: a duration between 1s and %s", maxRevocationTTL))
@@ -111,8 +118,9 @@ func (req *revokeRequest) revocation(issuers map[string]string) (*cachev1.Revoca
 // admin token (its SHA-256; nil with none) and the issuers' names and
 // issuer URLs, which revocations by jti and sub are keyed by.
 type live struct {
-	adminToken atomic.Pointer[[32]byte]
-	issuers    atomic.Pointer[map[string]string]
+	adminToken    atomic.Pointer[[32]byte]
+	issuers       atomic.Pointer[map[string]string]
+	revocationTTL atomic.Int64 // the default, as a time.Duration
 }
 
 func (lv *live) set(cfg *fileConfig, adminToken []byte) {
@@ -127,6 +135,7 @@ func (lv *live) set(cfg *fileConfig, adminToken []byte) {
 		issuers[is.Name] = is.Issuer
 	}
 	lv.issuers.Store(&issuers)
+	lv.revocationTTL.Store(int64(cfg.withDefaults().Server.RevocationTTL))
 }
 
 func adminError(w http.ResponseWriter, status int, msg string) {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -135,6 +136,11 @@ func (r *reloader) reload(why string, forced bool) error {
 			return err
 		}
 	}
+	if key := restartOnlyChange(r.inUse, cfg); key != "" {
+		err := fmt.Errorf("%s changed, and takes effect only on a restart: restart the pods to apply this config", key)
+		r.rejected(why, digest, err)
+		return err
+	}
 	old := r.cur.Load()
 	nv, err := old.Reload(cfg.Issuers)
 	if err != nil {
@@ -154,14 +160,68 @@ func (r *reloader) reload(why string, forced bool) error {
 			r.log.Warn("redis hmac key not changed", "error", err.Error())
 		}
 	}
-	if !reflect.DeepEqual(cfg.Server, r.inUse.Server) || !reflect.DeepEqual(cfg.Cache, r.inUse.Cache) {
-		r.log.Warn("config reloaded, but the server and cache sections changed and take effect only on restart")
-	}
 	r.inUse, r.digest = cfg, digest
 	r.setWatched(cfg)
 	r.met.reloads.WithLabelValues("ok").Inc()
 	r.log.Info("config reloaded", "trigger", why, "issuers", len(cfg.Issuers), "routes", len(cfg.Routes))
 	return nil
+}
+
+// liveKeys are the server and cache settings a reload puts in force: the
+// admin token, the default revocation ttl and the Redis HMAC key. Every
+// other setting of those sections (listeners, TLS, logging, Redis
+// connection, cache sizes) is read once at start.
+var liveKeys = map[string]bool{
+	"server.admin_token_file": true, "server.admin_token_env": true, "server.revocation_ttl": true,
+	"cache.redis.hmac_key_file": true, "cache.redis.hmac_key_env": true,
+}
+
+// restartOnlyChange names the first setting that differs between the config
+// in force and next and that a reload cannot put in force (""): such a
+// reload is refused, so that what the file says is what runs.
+func restartOnlyChange(cur, next *fileConfig) string {
+	if d := firstDiff("server", reflect.ValueOf(cur.Server), reflect.ValueOf(next.Server)); d != "" {
+		return d
+	}
+	return firstDiff("cache", reflect.ValueOf(cur.Cache), reflect.ValueOf(next.Cache))
+}
+
+// firstDiff walks two values of one struct type by their YAML keys and
+// names the first restart-only key where they differ.
+func firstDiff(key string, a, b reflect.Value) string {
+	if liveKeys[key] {
+		return ""
+	}
+	if a.Kind() == reflect.Pointer {
+		if a.IsNil() || b.IsNil() {
+			if a.IsNil() != b.IsNil() && !(a.IsNil() && allLive(key, b.Elem())) && !(b.IsNil() && allLive(key, a.Elem())) {
+				return key
+			}
+			return ""
+		}
+		a, b = a.Elem(), b.Elem()
+	}
+	if a.Kind() != reflect.Struct {
+		if !reflect.DeepEqual(a.Interface(), b.Interface()) {
+			return key
+		}
+		return ""
+	}
+	for i := range a.NumField() {
+		name, _, _ := strings.Cut(a.Type().Field(i).Tag.Get("yaml"), ",")
+		if name == "" || name == "-" {
+			continue
+		}
+		if d := firstDiff(key+"."+name, a.Field(i), b.Field(i)); d != "" {
+			return d
+		}
+	}
+	return ""
+}
+
+// allLive: v (a section that appeared or went away) sets only live keys.
+func allLive(key string, v reflect.Value) bool {
+	return firstDiff(key, v, reflect.Zero(v.Type())) == ""
 }
 
 // readSettled reads a file once its contents hold still: a writer that

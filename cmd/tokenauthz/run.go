@@ -196,8 +196,8 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			}
 			_, _ = w.Write([]byte("ok\n"))
 		})
-		if lv.adminToken.Load() != nil && cfg.Server.AdminAddr == "" {
-			mux.Handle("/admin/", adminHandler(lv, denylist, cfg.Server.RevocationTTL))
+		if cfg.Server.AdminAddr == "" {
+			mux.Handle("/admin/", adminHandler(lv, denylist))
 		}
 		hsrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() {
@@ -210,13 +210,13 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 	// The admin API on a listener of its own, when asked: the health and
 	// metrics port is reachable by more (kubelet, Prometheus, meshes).
 	adminAddr := "off"
-	if cfg.Server.AdminAddr != "" && lv.adminToken.Load() != nil {
+	if cfg.Server.AdminAddr != "" {
 		alis, err := net.Listen("tcp", cfg.Server.AdminAddr)
 		if err != nil {
 			return fmt.Errorf("%s", listenError("server.admin_addr", "server.admin_addr", cfg.Server.AdminAddr, err))
 		}
 		amux := http.NewServeMux()
-		amux.Handle("/admin/", adminHandler(lv, denylist, cfg.Server.RevocationTTL))
+		amux.Handle("/admin/", adminHandler(lv, denylist))
 		asrv := &http.Server{Handler: amux, ReadHeaderTimeout: 5 * time.Second}
 		go func() {
 			if err := asrv.Serve(alis); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -225,8 +225,11 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		}()
 		defer func() { _ = asrv.Close() }()
 		adminAddr = alis.Addr().String()
-	} else if lv.adminToken.Load() != nil && httpLis != nil {
+	} else if httpLis != nil {
 		adminAddr = httpLis.Addr().String()
+	}
+	if lv.adminToken.Load() == nil {
+		adminAddr += " (off until an admin token is configured)"
 	}
 
 	serveErr := make(chan error, 1)
