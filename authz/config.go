@@ -56,6 +56,19 @@ type Config struct {
 	// ClientCert says where the client certificate comes from, for
 	// certificate-bound tokens (RFC 8705).
 	ClientCert ClientCertConfig `yaml:"client_cert"`
+	// Hosts are routes for hosts, from policy sources other than the file
+	// (Kubernetes TokenPolicies), compiled by CompileHostPolicy. Requests
+	// that no file route matches are matched against the routes of the
+	// policy for their host.
+	Hosts []*CompiledHostPolicy `yaml:"-"`
+	// RoutesFromResources: routes may come from resources only, so the
+	// file may have none.
+	RoutesFromResources bool `yaml:"-"`
+	// ResourceIssuers are issuers from policy sources (TokenIssuer,
+	// ClusterTokenIssuer), for host policies' routes only: a file route
+	// without an issuers list accepts the file's issuers, never these.
+	// Their iss values may repeat (two teams, one provider).
+	ResourceIssuers []verify.IssuerConfig `yaml:"-"`
 	// UndecidableResponse is how a check that could not be decided (the
 	// provider unreachable) is answered: "error_response" (default), a
 	// CheckResponse with error_response and 503, which Envoy 1.37 and later
@@ -192,108 +205,10 @@ func (c *Config) Validate() []string {
 		}
 	}
 
-	if len(c.Routes) == 0 {
+	if len(c.Routes) == 0 && !c.RoutesFromResources {
 		bad("routes", "at least one route is required (requests matching no route are denied)")
 	}
-	routeNames := map[string]bool{}
-	for i, r := range c.Routes {
-		key := fmt.Sprintf("routes[%d]", i)
-		if r.Name == "" {
-			bad(key+".name", "required")
-		} else if routeNames[r.Name] {
-			bad(key+".name", "duplicate route name %q", r.Name)
-		}
-		routeNames[r.Name] = true
-		m := r.Match
-		if m.Path != "" && m.PathPrefix != "" {
-			bad(key+".match", "set path or path_prefix, not both")
-		}
-		for _, pat := range []struct{ key, val string }{{"path", m.Path}, {"path_prefix", m.PathPrefix}} {
-			if pat.val == "" {
-				continue
-			}
-			// A pattern follows the rules requests do, or it could never
-			// match one (or would match one that was refused).
-			if _, q, why := canonicalPath(pat.val); why != "" {
-				bad(key+".match."+pat.key, "%s", why)
-			} else if q != "" || strings.Contains(pat.val, "?") {
-				bad(key+".match."+pat.key, "a path has no query string")
-			}
-		}
-		if h := m.Host; h != "" {
-			name := strings.TrimPrefix(h, "*.")
-			_, why := canonicalHost(name)
-			switch {
-			case strings.Contains(name, "*"):
-				bad(key+".match.host", "a wildcard is only allowed as a leading \"*.\"")
-			case why != "":
-				bad(key+".match.host", "%s", why)
-			case strings.HasPrefix(name, "[") && !strings.HasSuffix(name, "]") || !strings.HasPrefix(name, "[") && strings.Contains(name, ":"):
-				bad(key+".match.host", "no port: hosts are matched without one")
-			}
-		}
-		for j, meth := range m.Methods {
-			if _, why := canonicalMethod(meth); why != "" || meth == "" {
-				if why == "" {
-					why = "empty"
-				}
-				bad(fmt.Sprintf("%s.match.methods[%d]", key, j), "%s, like GET", why)
-			}
-		}
-		if r.Anonymous && r.AllowMissing {
-			bad(key, "anonymous or allow_missing, not both")
-		}
-		if r.Anonymous && (len(r.Issuers) > 0 || len(r.Scopes) > 0 || len(r.Claims) > 0 || r.Introspect != "" || r.Userinfo) {
-			bad(key, "an anonymous route takes no issuers, scopes, claims, introspect or userinfo")
-		}
-		for j, w := range r.When {
-			if _, err := compileWhen(w); err != nil {
-				bad(fmt.Sprintf("%s.when[%d]", key, j), "%v", err)
-			}
-		}
-		for h, src := range r.Headers {
-			if _, top := c.Headers[h]; src == nil && !top {
-				bad(key+".headers."+h, "null turns off a top-level header, and there is none of that name")
-				continue
-			}
-			for _, prob := range validateHeader(h, src) {
-				bad(key+".headers."+h, "%s", prob)
-			}
-		}
-		if _, ok := senderModes[r.SenderConstraint]; !ok {
-			bad(key+".sender_constraint", "%q is not none, if_bound or required", r.SenderConstraint)
-		}
-		if _, ok := introspectModes[r.Introspect]; !ok {
-			bad(key+".introspect", "%q is not opaque, always or never", r.Introspect)
-		}
-		accepted := r.Issuers
-		if len(accepted) == 0 {
-			accepted = slices.Collect(maps.Keys(byName))
-			slices.Sort(accepted)
-		}
-		for _, n := range accepted {
-			is := byName[n]
-			if is == nil {
-				continue // reported below
-			}
-			if r.Introspect == "always" && is.Introspection == nil {
-				bad(key+".introspect", "always, but issuer %q has no introspection block", n)
-			}
-			if r.Userinfo && is.Userinfo == nil {
-				bad(key+".userinfo", "issuer %q has no userinfo block", n)
-			}
-		}
-		for j, n := range r.Issuers {
-			if !names[n] {
-				bad(fmt.Sprintf("%s.issuers[%d]", key, j), "no issuer named %q", n)
-			}
-		}
-		for claim, want := range r.Claims {
-			if _, err := compileClaimValues(want); err != nil {
-				bad(key+".claims."+claim, "%v", err)
-			}
-		}
-	}
+	p = append(p, validateRoutes("routes", c.Routes, names, byName, c.Headers, true)...)
 
 	for h, src := range c.Headers {
 		if src == nil {
@@ -346,6 +261,127 @@ func (c *Config) Validate() []string {
 	return p
 }
 
+// validateRoutes checks routes (of the file, or of a host policy: no
+// host there, its hosts are the policy's), each problem under key[i].
+// names and byName are the issuers routes may name.
+func validateRoutes(prefix string, routes []RouteConfig, names map[string]bool, byName map[string]*verify.IssuerConfig,
+	top map[string]*HeaderSource, hostAllowed bool) []string {
+	var p []string
+	bad := func(key, format string, args ...any) { p = append(p, key+": "+fmt.Sprintf(format, args...)) }
+	routeNames := map[string]bool{}
+	for i, r := range routes {
+		key := fmt.Sprintf("%s[%d]", prefix, i)
+		if r.Name == "" {
+			bad(key+".name", "required")
+		} else if routeNames[r.Name] {
+			bad(key+".name", "duplicate route name %q", r.Name)
+		}
+		routeNames[r.Name] = true
+		m := r.Match
+		if m.Path != "" && m.PathPrefix != "" {
+			bad(key+".match", "set path or path_prefix, not both")
+		}
+		for _, pat := range []struct{ key, val string }{{"path", m.Path}, {"path_prefix", m.PathPrefix}} {
+			if pat.val == "" {
+				continue
+			}
+			// A pattern follows the rules requests do, or it could never
+			// match one (or would match one that was refused).
+			if _, q, why := canonicalPath(pat.val); why != "" {
+				bad(key+".match."+pat.key, "%s", why)
+			} else if q != "" || strings.Contains(pat.val, "?") {
+				bad(key+".match."+pat.key, "a path has no query string")
+			}
+		}
+		if h := m.Host; h != "" && !hostAllowed {
+			bad(key+".match.host", "a policy's routes take their hosts from the policy")
+		} else if h != "" {
+			if why := hostPatternProblem(h); why != "" {
+				bad(key+".match.host", "%s", why)
+			}
+		}
+		for j, meth := range m.Methods {
+			if _, why := canonicalMethod(meth); why != "" || meth == "" {
+				if why == "" {
+					why = "empty"
+				}
+				bad(fmt.Sprintf("%s.match.methods[%d]", key, j), "%s, like GET", why)
+			}
+		}
+		if r.Anonymous && r.AllowMissing {
+			bad(key, "anonymous or allow_missing, not both")
+		}
+		if r.Anonymous && (len(r.Issuers) > 0 || len(r.Scopes) > 0 || len(r.Claims) > 0 || r.Introspect != "" || r.Userinfo) {
+			bad(key, "an anonymous route takes no issuers, scopes, claims, introspect or userinfo")
+		}
+		for j, w := range r.When {
+			if _, err := compileWhen(w); err != nil {
+				bad(fmt.Sprintf("%s.when[%d]", key, j), "%v", err)
+			}
+		}
+		for h, src := range r.Headers {
+			if _, inTop := top[h]; src == nil && !inTop {
+				bad(key+".headers."+h, "null turns off a top-level header, and there is none of that name")
+				continue
+			}
+			for _, prob := range validateHeader(h, src) {
+				bad(key+".headers."+h, "%s", prob)
+			}
+		}
+		if _, ok := senderModes[r.SenderConstraint]; !ok {
+			bad(key+".sender_constraint", "%q is not none, if_bound or required", r.SenderConstraint)
+		}
+		if _, ok := introspectModes[r.Introspect]; !ok {
+			bad(key+".introspect", "%q is not opaque, always or never", r.Introspect)
+		}
+		accepted := r.Issuers
+		if len(accepted) == 0 {
+			accepted = slices.Collect(maps.Keys(byName))
+			slices.Sort(accepted)
+		}
+		for _, n := range accepted {
+			is := byName[n]
+			if is == nil {
+				continue // reported below
+			}
+			if r.Introspect == "always" && is.Introspection == nil {
+				bad(key+".introspect", "always, but issuer %q has no introspection block", n)
+			}
+			if r.Userinfo && is.Userinfo == nil {
+				bad(key+".userinfo", "issuer %q has no userinfo block", n)
+			}
+		}
+		for j, n := range r.Issuers {
+			if !names[n] {
+				bad(fmt.Sprintf("%s.issuers[%d]", key, j), "no issuer named %q", n)
+			}
+		}
+		for claim, want := range r.Claims {
+			if _, err := compileClaimValues(want); err != nil {
+				bad(key+".claims."+claim, "%v", err)
+			}
+		}
+	}
+
+	return p
+}
+
+// hostPatternProblem says what is wrong with a host pattern ("" if
+// nothing): a DNS name or IP literal without port, or "*." and a name.
+func hostPatternProblem(h string) string {
+	name := strings.TrimPrefix(h, "*.")
+	_, why := canonicalHost(name)
+	switch {
+	case strings.Contains(name, "*"):
+		return "a wildcard is only allowed as a leading \"*.\""
+	case why != "":
+		return why
+	case strings.HasPrefix(name, "[") && !strings.HasSuffix(name, "]") || !strings.HasPrefix(name, "[") && strings.Contains(name, ":"):
+		return "no port: hosts are matched without one"
+	}
+	return ""
+}
+
 // validateHeader checks a claim header's name and source; src may be nil
 // (a route turning the header off).
 func validateHeader(h string, src *HeaderSource) []string {
@@ -383,6 +419,12 @@ func compileWhen(w WhenRule) (*celExpr, error) {
 		return nil, fmt.Errorf("empty expression")
 	}
 	return compileCEL(w.CEL, cel.BoolType)
+}
+
+// AllIssuers are the file's issuers and the resources': what the
+// verifier must know.
+func (c *Config) AllIssuers() []verify.IssuerConfig {
+	return append(slices.Clip(c.Issuers), c.ResourceIssuers...)
 }
 
 // WithDefaults is c with every unset setting at its default, issuers

@@ -200,7 +200,7 @@ func (d *decision) allowResponse(p *policy, reqHeaders map[string]string, header
 	ok := &authv3.OkHttpResponse{Headers: d.set}
 	remove := d.remove
 	if d.route != nil {
-		remove = append(remove, d.route.otherHeaders...)
+		remove = append(remove, p.otherHeaders[d.route]...)
 	}
 	{
 		// One pass over the request's headers, deduplicated after: a

@@ -443,6 +443,11 @@ func TestDPoPProofKeyBounds(t *testing.T) {
 			t.Errorf("%d bits, e=%d: %s", tc.bits, tc.e, wwwAuth(resp))
 		}
 	}
+	// An Ed25519 key of the wrong length is refused, not a panic (500).
+	short, _ := json.Marshal(map[string]any{"typ": "dpop+jwt", "alg": "EdDSA", "jwk": map[string]any{"kty": "OKP", "crv": "Ed25519", "x": b64("short")}})
+	body, _ := json.Marshal(map[string]any{"jti": "y", "htm": "GET", "htu": url, "iat": time.Now().Unix()})
+	denied(t, check(t, c, dpopReq("GET", "/orders/1", tok, b64(string(short))+"."+b64(string(body))+"."+b64("sig"))),
+		codes.Unauthenticated, typev3.StatusCode_Unauthorized, `error="invalid_dpop_proof"`)
 	// Another (well-formed) key: refused as the wrong key, whatever the signature.
 	other := newDPoPClient(t)
 	forged := other.proof("GET", url, tok, nil)

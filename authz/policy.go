@@ -29,12 +29,19 @@ type policy struct {
 	// claimHeaders are the names of every header any route sets, for
 	// removing CGI-style spellings (x_user_id) of them.
 	claimHeaders map[string]bool
-	clientHeader  string
-	schemeHeader  string
-	grpcErrors    bool                       // undecidable checks answer a gRPC UNAVAILABLE status
-	certHeader    string                     // "" for the peer certificate
-	issuerMeta    map[string]*structpb.Value // issuer name → metadata value
-	meta          struct{ route, issuer, sub, scope bool }
+	// otherHeaders are, by route, the claim headers other routes set and
+	// it does not: removed on its allows too, so a client's copy of a
+	// header some route sets never reaches an upstream.
+	otherHeaders map[*route][]string
+	// hosts and wildHosts are the host policies by exact host and by the
+	// suffix of a "*." pattern (".example.com").
+	hosts, wildHosts map[string]*CompiledHostPolicy
+	clientHeader string
+	schemeHeader string
+	grpcErrors   bool                       // undecidable checks answer a gRPC UNAVAILABLE status
+	certHeader   string                     // "" for the peer certificate
+	issuerMeta   map[string]*structpb.Value // issuer name → metadata value
+	meta         struct{ route, issuer, sub, scope bool }
 }
 
 func (p *policy) issuerValue(name string) *structpb.Value {
@@ -60,9 +67,9 @@ type route struct {
 	path   string // canonical (decoded); "" for any
 	prefix string // canonical, without a trailing "/"; "" for any
 	// The same under each of pathReadings, for the ambiguity check in match.
-	readPats [len(pathReadings)]struct{ path, prefix string }
-	methods  []string
-	anonymous            bool
+	readPats  [len(pathReadings)]struct{ path, prefix string }
+	methods   []string
+	anonymous bool
 	// allowMissing: no token is an allow without identity; a bad one a 401.
 	allowMissing bool
 	sender       senderMode
@@ -72,10 +79,6 @@ type route struct {
 	claims       []claimRule
 	when         []whenRule
 	headers      []claimHeader // sorted by name: the top-level ones with the route's merged over them
-	// otherHeaders are the claim headers other routes set and this one
-	// does not: removed on every allow here too, so a client's copy of a
-	// header some route sets never reaches an upstream.
-	otherHeaders []string
 	// The route's CEL reads the query or the headers: requests whose
 	// query or headers have no single reading are refused (400).
 	readsQuery, readsHeaders bool
@@ -143,77 +146,110 @@ func compile(c *Config) (p *policy, err error) {
 	p.issuerMeta = map[string]*structpb.Value{}
 	for _, is := range c.Issuers {
 		allIssuers = append(allIssuers, is.Name)
+	}
+	for _, is := range c.AllIssuers() {
 		p.issuerMeta[is.Name] = structpb.NewStringValue(is.Name)
 	}
 	for _, rc := range c.Routes {
-		path, _, _ := canonicalPath(rc.Match.Path)
-		prefix, _, _ := canonicalPath(rc.Match.PathPrefix)
-		r := &route{
-			name: rc.Name, host: strings.ToLower(strings.TrimSuffix(rc.Match.Host, ".")), path: path,
-			prefix: strings.TrimSuffix(prefix, "/"), methods: withHEAD(rc.Match.Methods),
-			anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, sender: senderModes[rc.SenderConstraint], scopes: rc.Scopes, metaName: structpb.NewStringValue(rc.Name),
-			vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
-		}
-		if len(r.vpol.Issuers) == 0 {
-			r.vpol.Issuers = allIssuers
-		}
-		// The prefix "/" becomes "" and matches every path.
-		for k, rd := range pathReadings {
-			r.readPats[k].path, r.readPats[k].prefix = rd.fn(r.path), rd.fn(r.prefix)
-		}
-		if needsFold(r.path) || needsFold(r.prefix) {
-			p.foldRoutes = true
-		}
-		names := make([]string, 0, len(rc.Claims))
-		for n := range rc.Claims {
-			names = append(names, n)
-		}
-		sort.Strings(names)
-		for _, n := range names {
-			want, _ := compileClaimValues(rc.Claims[n])
-			r.claims = append(r.claims, claimRule{claim: n, want: want})
-		}
-		for _, w := range rc.When {
-			e, err := compileWhen(w)
-			if err != nil {
-				return nil, err // Validate reported it
-			}
-			msg := w.Message
-			if msg == "" {
-				msg = w.CEL
-			}
-			r.when = append(r.when, whenRule{expr: e, message: msg})
-		}
-		if r.headers, err = compileHeaders(c.Headers, rc.Headers); err != nil {
+		r, err := compileRoute(rc, rc.Name, allIssuers, c.Headers)
+		if err != nil {
 			return nil, err
-		}
-		for _, w := range r.when {
-			r.notesInputs(w.expr)
-		}
-		for i := range r.headers {
-			if e := r.headers[i].expr; e != nil {
-				r.notesInputs(e)
-			}
 		}
 		p.routes = append(p.routes, r)
 		p.byName[r.name] = r
 	}
+	p.hosts, p.wildHosts = map[string]*CompiledHostPolicy{}, map[string]*CompiledHostPolicy{}
+	for _, hp := range c.Hosts {
+		for _, r := range hp.routes {
+			p.byName[r.name] = r
+		}
+		for _, h := range hp.hosts {
+			if suffix, wild := strings.CutPrefix(h, "*"); wild {
+				p.wildHosts[suffix] = hp
+			} else {
+				p.hosts[h] = hp
+			}
+		}
+	}
+	for _, r := range p.allRoutes() {
+		if needsFold(r.path) || needsFold(r.prefix) {
+			p.foldRoutes = true
+		}
+	}
 	p.claimHeaders = map[string]bool{}
-	for _, r := range p.routes {
+	routes := p.allRoutes()
+	for _, r := range routes {
 		for i := range r.headers {
 			p.claimHeaders[r.headers[i].header] = true
 		}
 	}
+	// Routes are shared with later policies (a host policy compiles once),
+	// so what depends on every route lives here, not in the route.
 	all := slices.Sorted(maps.Keys(p.claimHeaders))
-	for _, r := range p.routes {
+	p.otherHeaders = make(map[*route][]string, len(routes))
+	for _, r := range routes {
+		var others []string
 		for _, h := range all {
 			if !r.isClaimHeader(h) {
-				r.otherHeaders = append(r.otherHeaders, h)
+				others = append(others, h)
 			}
 		}
-		r.otherHeaders = slices.Clip(r.otherHeaders) // shared: an append must copy
+		p.otherHeaders[r] = slices.Clip(others) // shared: an append must copy
 	}
 	return p, nil
+}
+
+// compileRoute compiles one route; name is its name in the policy
+// (unique), defaultIssuers what it accepts unless it names its own.
+func compileRoute(rc RouteConfig, name string, defaultIssuers []string, topHeaders map[string]*HeaderSource) (*route, error) {
+	path, _, _ := canonicalPath(rc.Match.Path)
+	prefix, _, _ := canonicalPath(rc.Match.PathPrefix)
+	r := &route{
+		name: name, host: strings.ToLower(strings.TrimSuffix(rc.Match.Host, ".")), path: path,
+		prefix: strings.TrimSuffix(prefix, "/"), methods: withHEAD(rc.Match.Methods),
+		anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, sender: senderModes[rc.SenderConstraint], scopes: rc.Scopes, metaName: structpb.NewStringValue(name),
+		vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
+	}
+	if len(r.vpol.Issuers) == 0 {
+		r.vpol.Issuers = defaultIssuers
+	}
+	// The prefix "/" becomes "" and matches every path.
+	for k, rd := range pathReadings {
+		r.readPats[k].path, r.readPats[k].prefix = rd.fn(r.path), rd.fn(r.prefix)
+	}
+	names := make([]string, 0, len(rc.Claims))
+	for n := range rc.Claims {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		want, _ := compileClaimValues(rc.Claims[n])
+		r.claims = append(r.claims, claimRule{claim: n, want: want})
+	}
+	for _, w := range rc.When {
+		e, err := compileWhen(w)
+		if err != nil {
+			return nil, err // Validate reported it
+		}
+		msg := w.Message
+		if msg == "" {
+			msg = w.CEL
+		}
+		r.when = append(r.when, whenRule{expr: e, message: msg})
+	}
+	var err error
+	if r.headers, err = compileHeaders(topHeaders, rc.Headers); err != nil {
+		return nil, err
+	}
+	for _, w := range r.when {
+		r.notesInputs(w.expr)
+	}
+	for i := range r.headers {
+		if e := r.headers[i].expr; e != nil {
+			r.notesInputs(e)
+		}
+	}
+	return r, nil
 }
 
 // notesInputs records which request inputs with several readings e reads.
@@ -350,9 +386,10 @@ type ambiguity struct{ reason, desc string }
 // case or non-ASCII letters (or routes with them), or a trailing slash.
 func (p *policy) match(rq *request) (*route, *ambiguity) {
 	path := rq.path
-	r := p.firstMatch(rq, path, -1)
+	extra := p.hostRoutes(rq.host)
+	r := p.firstMatch(rq, path, -1, extra)
 	strip := len(path) > 1 && path[len(path)-1] == '/'
-	if strip && p.firstMatch(rq, path[:len(path)-1], -1) != r {
+	if strip && p.firstMatch(rq, path[:len(path)-1], -1, extra) != r {
 		return nil, &ambiguity{"ambiguous_path", "the path without its trailing slash selects a different policy"}
 	}
 	if !p.foldRoutes && !needsFold(path) {
@@ -361,7 +398,7 @@ func (p *policy) match(rq *request) (*route, *ambiguity) {
 	for k := range pathReadings {
 		rd := &pathReadings[k]
 		read := rd.fn(path)
-		if p.firstMatch(rq, read, k) != r || strip && p.firstMatch(rq, strings.TrimSuffix(read, "/"), k) != r {
+		if p.firstMatch(rq, read, k, extra) != r || strip && p.firstMatch(rq, strings.TrimSuffix(read, "/"), k, extra) != r {
 			return nil, &ambiguity{rd.reason, "the path read with " + rd.what + " selects a different policy"}
 		}
 	}
@@ -369,9 +406,15 @@ func (p *policy) match(rq *request) (*route, *ambiguity) {
 }
 
 // firstMatch is the first route matching path as read by pathReadings[k]
-// (k < 0: as it is).
-func (p *policy) firstMatch(rq *request, path string, k int) *route {
+// (k < 0: as it is): the file's routes first, then extra (the routes of
+// the host's policy).
+func (p *policy) firstMatch(rq *request, path string, k int, extra []*route) *route {
 	for _, r := range p.routes {
+		if r.matches(rq.host, path, rq.method, k) {
+			return r
+		}
+	}
+	for _, r := range extra {
 		if r.matches(rq.host, path, rq.method, k) {
 			return r
 		}

@@ -177,6 +177,9 @@ func toVerifyKey(k jwk.Key) (verifyKey, bool) {
 	case *ecdsa.PublicKey:
 		vk.kty, vk.curve, vk.raw = ktyEC, pk.Curve, pk
 	case ed25519.PublicKey:
+		if len(pk) != ed25519.PublicKeySize {
+			return verifyKey{}, false // ed25519.Verify panics on another length
+		}
 		vk.kty, vk.raw = ktyOKP, pk
 	default:
 		return verifyKey{}, false

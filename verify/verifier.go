@@ -63,7 +63,10 @@ type VerifiedCacheOptions struct {
 // Verifier verifies JWTs for a fixed set of issuers. It is safe for
 // concurrent use.
 type Verifier struct {
-	byIss    map[string]*Issuer
+	// byIss are the issuers by iss value: several when policy sources
+	// configure one provider more than once (two teams' audiences); a
+	// route's accepted issuers choose among them.
+	byIss    map[string][]*Issuer
 	byName   map[string]*Issuer
 	now      func() time.Time
 	answers  *answers
@@ -169,7 +172,7 @@ func followBound(cfgs []IssuerConfig) time.Duration {
 
 func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem *dpopMemory, prev *Verifier) (*Verifier, error) {
 	answers.FollowFor(followBound(cfgs))
-	v := &Verifier{tel: tel, byIss: map[string]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
+	v := &Verifier{tel: tel, byIss: map[string][]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
 		answers: answers, shared: o.Shared, opts: o, dpop: mem}
 	for idx := range cfgs {
 		c := cfgs[idx]
@@ -178,9 +181,6 @@ func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem
 		}
 		if _, dup := v.byName[c.Name]; dup {
 			return nil, fmt.Errorf("verify: issuer name %q used twice", c.Name)
-		}
-		if _, dup := v.byIss[c.Issuer]; dup {
-			return nil, fmt.Errorf("verify: issuer %q configured twice", c.Issuer)
 		}
 		id := identity(c)
 		is := (*Issuer)(nil)
@@ -193,7 +193,7 @@ func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem
 			}
 			is.id = id
 		}
-		v.byIss[c.Issuer] = is
+		v.byIss[c.Issuer] = append(v.byIss[c.Issuer], is)
 		v.byName[c.Name] = is
 	}
 	return v, nil
@@ -510,13 +510,19 @@ func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) 
 		sum := sha256.Sum256([]byte(raw))
 		key = string(sum[:])
 		if e, ok := v.verified.Peek(key); ok && v.byName[e.is.name] == e.is && e.keyGen == e.is.keyGeneration() {
-			v.tel.obs.Served("tokens", cache.FromMemory)
 			if !slices.Contains(allowed, e.is.name) {
+				// Verified for another issuer of the same iss (another
+				// team's audiences): verify it for this route's.
+				if len(v.byIss[e.is.cfg.Issuer]) > 1 {
+					goto parse
+				}
 				return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), e.is.name)
 			}
+			v.tel.obs.Served("tokens", cache.FromMemory)
 			return &Result{Issuer: e.is, Claims: e.claims, Expiry: e.exp, Kind: KindJWT, KeySource: cache.FromMemory}, nil
 		}
 	}
+parse:
 	t, err := parseJWT(raw)
 	if err != nil {
 		return nil, err
@@ -525,12 +531,19 @@ func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string) 
 	if !ok {
 		return nil, invalid("unknown_issuer", "token has no iss")
 	}
-	is := v.byIss[iss]
-	if is == nil {
+	candidates := v.byIss[iss]
+	if len(candidates) == 0 {
 		return nil, invalid("unknown_issuer", "token issuer is not trusted")
 	}
-	if !slices.Contains(allowed, is.name) {
-		return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), is.name)
+	var is *Issuer
+	for _, c := range candidates {
+		if slices.Contains(allowed, c.name) {
+			is = c
+			break
+		}
+	}
+	if is == nil {
+		return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), candidates[0].name)
 	}
 	src, gen, err := is.verifySignature(ctx, t)
 	if err != nil {

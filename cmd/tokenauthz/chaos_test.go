@@ -47,7 +47,7 @@ func envDuration(name string, def time.Duration) time.Duration {
 type truth int
 
 const (
-	mustAllow truth = iota // a valid token: allow (or, for opaque ones, 503 while the provider cannot answer)
+	mustAllow truth = iota // a valid token: allow (or, for opaque ones, 503 or 429 while the provider cannot answer)
 	mustDeny               // an invalid token: anything but an allow
 	eitherWay              // its right answer is changing under the fault (a key being withdrawn)
 )
@@ -87,7 +87,10 @@ func (s *phaseStats) record(tk token, code codes.Code, err error, took time.Dura
 			s.wrongAllows++
 			wrong("wrong allow")
 		}
-	case code == codes.Unavailable:
+	case code == codes.Unavailable || code == codes.ResourceExhausted:
+		// 503 while the provider cannot answer, or 429 for a caller over
+		// its share of provider calls (the flood shares the suite's
+		// address): neither is a verdict on the token.
 		s.errs++
 		if tk.truth == mustAllow && !tk.opaque {
 			// Keys stay cached through every fault: a valid JWT must be decided.

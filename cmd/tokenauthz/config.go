@@ -17,6 +17,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/authz/kube"
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/deploy"
 )
@@ -26,6 +27,7 @@ import (
 type fileConfig struct {
 	Server       serverConfig `yaml:"server"`
 	Cache        cache.Config `yaml:"cache"`
+	Kubernetes   kube.Config  `yaml:"kubernetes"`
 	authz.Config `yaml:",inline"`
 }
 
@@ -182,7 +184,9 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	}
 	cfg.Server.applyDefaults()
 	problems = append(problems, cfg.Server.validateAddrs()...)
+	cfg.Config.RoutesFromResources = cfg.Kubernetes.Enabled
 	problems = append(problems, cfg.Config.Validate()...)
+	problems = append(problems, cfg.Kubernetes.Validate()...)
 	problems = append(problems, cfg.Cache.Validate()...)
 	switch cfg.Server.LogFormat {
 	case "json", "text":

@@ -24,6 +24,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jwt"
 
+	"github.com/tokenauthz/tokenauthz/authz/kube"
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/deploy"
 	"github.com/tokenauthz/tokenauthz/verify"
@@ -36,7 +37,10 @@ Usage:
                                           run on the demo config and show an allow and two denies
   tokenauthz serve      [--config FILE] [--grpc-addr A] [--http-addr A]
                                           run the service (no --config: the embedded demo config)
-  tokenauthz validate   --config FILE     check a config; exit 1 naming every problem
+  tokenauthz validate   --config FILE [--reach] [-f POLICY.yaml]... [--namespace NS]
+                                          check a config, and with -f Kubernetes policy resources
+                                          (TokenPolicy, TokenIssuer, ClusterTokenIssuer) as the pods
+                                          would; exit 1 naming every problem
   tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D] [--bind-key FILE]
                                           mint a token the demo config accepts (with --bind-key:
                                           DPoP-bound to the key in FILE, made if missing)
@@ -83,17 +87,45 @@ func cli(args []string, stdout, stderr io.Writer) int {
 	case "validate":
 		config := fs.String("config", "", "configuration file")
 		reach := fs.Bool("reach", false, "also reach each issuer once (discovery, key set, introspection and userinfo endpoints)")
+		var policies stringList
+		fs.Var(&policies, "f", "a file of TokenPolicy, TokenIssuer and ClusterTokenIssuer resources to check against the config (repeatable)")
+		namespace := fs.String("namespace", "default", "the namespace of -f resources that name none")
 		if code, ok := parseFlags(fs, args); !ok {
 			return code
 		}
-		if *config == "" {
-			fmt.Fprintln(stderr, "validate: --config is required")
+		if *config == "" && len(policies) == 0 {
+			fmt.Fprintln(stderr, "validate: --config is required (or -f with policy resources)")
 			return 2
 		}
-		cfg, err := loadConfig(*config)
-		if err != nil {
-			fmt.Fprintln(stderr, err)
-			return 1
+		cfg := &fileConfig{Kubernetes: kube.Config{Enabled: true}}
+		cfg.RoutesFromResources = true
+		if *config != "" {
+			var err error
+			if cfg, err = loadConfig(*config); err != nil {
+				fmt.Fprintln(stderr, err)
+				return 1
+			}
+		}
+		if len(policies) > 0 {
+			docs := map[string][]byte{}
+			for _, f := range policies {
+				b, err := os.ReadFile(f)
+				if err != nil {
+					fmt.Fprintln(stderr, err)
+					return 1
+				}
+				docs[f] = b
+			}
+			if problems := kube.ValidateDocuments(&cfg.Config, &cfg.Kubernetes, *namespace, docs); len(problems) > 0 {
+				for _, p := range problems {
+					fmt.Fprintln(stderr, p)
+				}
+				return 1
+			}
+			fmt.Fprintf(stdout, "%s: ok\n", strings.Join(policies, ", "))
+			if *config == "" {
+				return 0
+			}
 		}
 		if *reach {
 			v, err := verify.New(cfg.Issuers, verify.Options{})
@@ -430,3 +462,9 @@ func revoke(o revokeOptions, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "%s", out)
 	return 0
 }
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }

@@ -17,9 +17,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
-	"github.com/tokenauthz/tokenauthz/authz"
 	"github.com/tokenauthz/tokenauthz/cache"
-	"github.com/tokenauthz/tokenauthz/verify"
 )
 
 // reloader puts a changed config file, or a changed file it names, in
@@ -35,12 +33,10 @@ import (
 type reloader struct {
 	path   string
 	log    *slog.Logger
-	srv    *authz.Server
-	bg     context.Context
+	policy *inForce
 	met    *metrics
 	live   *live
 	shared *cache.Shared // nil without Redis
-	cur    atomic.Pointer[verify.Verifier]
 	mu     sync.Mutex // one reload at a time
 	inUse  *fileConfig
 	digest [32]byte
@@ -52,10 +48,9 @@ type reloader struct {
 	watched atomic.Pointer[[]string]
 }
 
-func newReloader(path string, cfg *fileConfig, v *verify.Verifier, srv *authz.Server, bg context.Context, met *metrics,
+func newReloader(path string, cfg *fileConfig, policy *inForce, met *metrics,
 	log *slog.Logger, lv *live, shared *cache.Shared) *reloader {
-	r := &reloader{path: path, log: log, srv: srv, bg: bg, met: met, inUse: cfg, live: lv, shared: shared}
-	r.cur.Store(v)
+	r := &reloader{path: path, log: log, policy: policy, met: met, inUse: cfg, live: lv, shared: shared}
 	// The file may have changed since cfg was read from it: its digest
 	// counts as in force only if it still says the same, else the first
 	// poll or event reloads it.
@@ -141,19 +136,10 @@ func (r *reloader) reload(why string, forced bool) error {
 		r.rejected(why, digest, err)
 		return err
 	}
-	old := r.cur.Load()
-	nv, err := old.Reload(cfg.Issuers)
-	if err != nil {
+	if err := r.policy.setFile(&cfg.Config); err != nil {
 		r.rejected(why, digest, err)
 		return err
 	}
-	if err := r.srv.Swap(&cfg.Config, nv); err != nil {
-		r.rejected(why, digest, err)
-		return err
-	}
-	nv.Start(r.bg)
-	r.cur.Store(nv)
-	old.Retire(nv)
 	r.live.set(cfg, adminToken)
 	if macKey != nil {
 		if err := r.shared.SetHMACKey(macKey); err != nil {
@@ -182,6 +168,10 @@ var liveKeys = map[string]bool{
 func restartOnlyChange(cur, next *fileConfig) string {
 	if d := firstDiff("server", reflect.ValueOf(cur.Server), reflect.ValueOf(next.Server)); d != "" {
 		return d
+	}
+	if cur.Kubernetes.Enabled != next.Kubernetes.Enabled || !reflect.DeepEqual(cur.Kubernetes.Namespaces, next.Kubernetes.Namespaces) ||
+		!reflect.DeepEqual(cur.Kubernetes.HostDelegation, next.Kubernetes.HostDelegation) {
+		return "kubernetes"
 	}
 	return firstDiff("cache", reflect.ValueOf(cur.Cache), reflect.ValueOf(next.Cache))
 }

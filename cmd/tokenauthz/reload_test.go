@@ -300,3 +300,53 @@ func TestRevocationUsesTheIssuersInForce(t *testing.T) {
 		t.Error("an unrevoked token was refused")
 	}
 }
+
+// TestOperatorSettingsTakeEffect (issue 20, class 9): revocation by jti or
+// sub matches claims of any JSON scalar type; an admin token added by a
+// reload turns the admin API on at once; a reload that changes a setting
+// read only at start is refused and says a restart is needed.
+func TestOperatorSettingsTakeEffect(t *testing.T) {
+	k := idptest.NewKey(t, "a", "ES256")
+	jwks, err := json.Marshal(map[string]any{"keys": []any{k.JWK(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	adminFile := filepath.Join(dir, "admin")
+	writeAtomically(t, adminFile, adminToken)
+	conf := func(server string) string {
+		return fmt.Sprintf("server: { %s }\nissuers:\n  - { name: main, issuer: https://idp.example, audiences: [api], jwks: '%s', algorithms: [ES256] }\n"+
+			"routes:\n  - { name: all, match: { path_prefix: / } }\n", server, jwks)
+	}
+	path := filepath.Join(dir, "config.yaml")
+	writeAtomically(t, path, conf("log_level: info"))
+	c, base := startReloading(t, path)
+	if got := postRevoke(t, base, adminToken, `{"jti":"7","issuer":"main"}`); got != http.StatusNotFound {
+		t.Fatalf("the admin API without a token answers %d, want 404", got)
+	}
+	writeAtomically(t, path, conf(fmt.Sprintf("log_level: info, admin_token_file: %q", adminFile)))
+	waitFor(t, func() bool { return postRevoke(t, base, adminToken, `{"jti":"7","issuer":"main"}`) == http.StatusOK })
+
+	tok := func(jti, sub any) string {
+		return idptest.Mint(t, k, map[string]any{"iss": "https://idp.example", "aud": "api", "sub": sub, "jti": jti,
+			"iat": time.Now().Unix() - 10, "exp": time.Now().Add(time.Hour).Unix()})
+	}
+	check := func(tok string) codes.Code { return checkCode(c, "/x", tok) }
+	for _, jti := range []any{7, 7.0, json.Number("7e0"), "7"} {
+		if got := check(tok(jti, "u")); got != codes.Unauthenticated {
+			t.Errorf("jti %v (%T), revoked as \"7\": %v", jti, jti, got)
+		}
+	}
+	if got := postRevoke(t, base, adminToken, `{"sub":"true","issuer":"main"}`); got != http.StatusOK {
+		t.Fatalf("revoke by sub: %d", got)
+	}
+	if check(tok("j1", true)) != codes.Unauthenticated || check(tok("j2", 8)) != codes.OK || check(tok(70, "u")) != codes.OK {
+		t.Error("revocation by scalar claims matched the wrong tokens")
+	}
+
+	before := value(scrape(t, base), "tokenauthz_config_reloads_total", map[string]string{"result": "rejected"})
+	writeAtomically(t, path, conf(fmt.Sprintf("log_level: debug, admin_token_file: %q", adminFile)))
+	waitFor(t, func() bool {
+		return value(scrape(t, base), "tokenauthz_config_reloads_total", map[string]string{"result": "rejected"}) > before
+	})
+}

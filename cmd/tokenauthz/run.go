@@ -110,11 +110,17 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		return fmt.Errorf("admin token: %w", err)
 	}
 	lv.set(cfg, adminToken)
-	// current is the verifier in force: a reload replaces it.
-	current := func() *verify.Verifier { return v }
+	// The policy in force: the file's and, with kubernetes.enabled, the
+	// cluster's. A reload or a change of a resource replaces it.
+	policy := newInForce(srv, v, &cfg.Config, bg, log)
+	current := policy.cur.Load
+	if cfg.Kubernetes.Enabled {
+		if err := policy.followCluster(cfg.Kubernetes); err != nil {
+			return err
+		}
+	}
 	if ro.configPath != "" {
-		rl := newReloader(ro.configPath, cfg, v, srv, bg, met, log, lv, shared)
-		current = rl.cur.Load
+		rl := newReloader(ro.configPath, cfg, policy, met, log, lv, shared)
 		go rl.watch(bg, ro.hup, ro.reloadPoll)
 	}
 	met.watchFleet(func() map[string]time.Duration { return current().KeySetAges() }, shared, denylist)
@@ -168,7 +174,7 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		defer t.Stop()
 		start := time.Now()
 		grace := cfg.Server.ReadinessGrace
-		for !current().Ready() && (grace <= 0 || time.Since(start) < grace) {
+		for !policy.ready() && (grace <= 0 || time.Since(start) < grace) {
 			select {
 			case <-bg.Done():
 				return
@@ -176,7 +182,7 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 			}
 		}
 		setReady(healthpb.HealthCheckResponse_SERVING)
-		if current().Ready() {
+		if policy.ready() {
 			log.Info("ready: keys of every issuer loaded")
 		} else {
 			log.Warn("ready without every issuer's keys: readiness_grace passed", "grace", grace.String())
