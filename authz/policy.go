@@ -36,12 +36,12 @@ type policy struct {
 	// hosts and wildHosts are the host policies by exact host and by the
 	// suffix of a "*." pattern (".example.com").
 	hosts, wildHosts map[string]*CompiledHostPolicy
-	clientHeader string
-	schemeHeader string
-	grpcErrors   bool                       // undecidable checks answer a gRPC UNAVAILABLE status
-	certHeader   string                     // "" for the peer certificate
-	issuerMeta   map[string]*structpb.Value // issuer name → metadata value
-	meta         struct{ route, issuer, sub, scope bool }
+	clientHeader     string
+	schemeHeader     string
+	grpcErrors       bool                       // undecidable checks answer a gRPC UNAVAILABLE status
+	certHeader       string                     // "" for the peer certificate
+	issuerMeta       map[string]*structpb.Value // issuer name → metadata value
+	meta             struct{ route, issuer, sub, scope bool }
 }
 
 func (p *policy) issuerValue(name string) *structpb.Value {

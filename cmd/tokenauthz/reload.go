@@ -37,7 +37,7 @@ type reloader struct {
 	met    *metrics
 	live   *live
 	shared *cache.Shared // nil without Redis
-	mu     sync.Mutex // one reload at a time
+	mu     sync.Mutex    // one reload at a time
 	inUse  *fileConfig
 	digest [32]byte
 	// lastBad is the digest of the last rejected state, reported once, not
