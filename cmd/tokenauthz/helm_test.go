@@ -12,6 +12,7 @@ import (
 	"helm.sh/helm/v3/pkg/lint/support"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"sigs.k8s.io/yaml"
 
 	yamlv3 "go.yaml.in/yaml/v3"
@@ -37,6 +38,14 @@ func renderChart(t *testing.T, vals map[string]any) map[string]any {
 		t.Fatal(err)
 	}
 	out := map[string]any{}
+	// The chart's crds/ are installed by helm install before the templates.
+	for _, crd := range ch.CRDObjects() {
+		var obj apiextensionsv1.CustomResourceDefinition
+		if err := yaml.UnmarshalStrict(crd.File.Data, &obj); err != nil {
+			t.Fatalf("%s: %v", crd.Filename, err)
+		}
+		out["CustomResourceDefinition/"+obj.Name] = &obj
+	}
 	for name, body := range files {
 		if strings.HasSuffix(name, "NOTES.txt") || strings.HasSuffix(name, ".tpl") {
 			continue
@@ -104,6 +113,10 @@ func TestHelmChart(t *testing.T) {
 			var cfg fileConfig
 			if err := yamlv3.Unmarshal([]byte(cm.Data["config.yaml"]), &cfg); err != nil {
 				t.Fatal(err)
+			}
+			checkPolicyResources(t, objs, "tokenauthz", d.Spec.Template.Spec.ServiceAccountName)
+			if !cfg.Kubernetes.Enabled {
+				t.Error("the chart's config does not read the policy resources")
 			}
 			for _, kind := range []string{"Service", "ServiceAccount", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"} {
 				if objs[kind+"/tokenauthz"] == nil {

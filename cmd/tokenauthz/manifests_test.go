@@ -2,7 +2,9 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -15,12 +17,16 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
+
+	"github.com/tokenauthz/tokenauthz/authz/kube"
 )
 
 // render builds a kustomization as `kubectl apply -k` would and decodes
@@ -73,6 +79,12 @@ func newObject(t *testing.T, kind string) any {
 		return &monitoringv1.ServiceMonitor{}
 	case "PrometheusRule":
 		return &monitoringv1.PrometheusRule{}
+	case "CustomResourceDefinition":
+		return &apiextensionsv1.CustomResourceDefinition{}
+	case "ClusterRole":
+		return &rbacv1.ClusterRole{}
+	case "ClusterRoleBinding":
+		return &rbacv1.ClusterRoleBinding{}
 	}
 	t.Fatalf("no strict decoder for kind %q", kind)
 	return nil
@@ -206,6 +218,7 @@ func TestKubernetesManifests(t *testing.T) {
 					}
 				}
 			}
+			checkPolicyResources(t, objs, "tokenauthz", d.Spec.Template.Spec.ServiceAccountName)
 			if strings.HasSuffix(dir, "redis") {
 				rd, _ := objs["StatefulSet/tokenauthz-redis"].(*appsv1.StatefulSet)
 				if rd == nil || !strings.Contains(cm.Data["config.yaml"], "tokenauthz-redis:6379") {
@@ -302,6 +315,95 @@ func TestIstioResources(t *testing.T) {
 	for name, b := range map[string][]byte{"meshconfig.yaml": mesh, "authorizationpolicy.yaml": ap} {
 		if !strings.Contains(string(readme), string(b)) {
 			t.Errorf("README does not show deploy/istio/%s as it is", name)
+		}
+	}
+}
+
+// checkPolicyResources: the CRDs are installed, and the pods' account may
+// read the three resources and write their status, nothing more (issue 21:
+// least privilege; no Secrets, Namespaces or Leases).
+func checkPolicyResources(t *testing.T, objs map[string]any, namespace, account string) {
+	t.Helper()
+	for _, crd := range []string{"tokenpolicies.tokenauthz.io", "tokenissuers.tokenauthz.io", "clustertokenissuers.tokenauthz.io"} {
+		if objs["CustomResourceDefinition/"+crd] == nil {
+			t.Errorf("CRD %s is not installed", crd)
+		}
+	}
+	var role *rbacv1.ClusterRole
+	var binding *rbacv1.ClusterRoleBinding
+	for k, o := range objs {
+		switch o := o.(type) {
+		case *rbacv1.ClusterRole:
+			role = o
+		case *rbacv1.ClusterRoleBinding:
+			binding = o
+		}
+		_ = k
+	}
+	if role == nil || binding == nil {
+		t.Fatal("no ClusterRole and ClusterRoleBinding for the policy resources")
+	}
+	if binding.RoleRef.Name != role.Name || len(binding.Subjects) != 1 || binding.Subjects[0].Kind != "ServiceAccount" ||
+		binding.Subjects[0].Name != account || binding.Subjects[0].Namespace != namespace {
+		t.Errorf("the binding does not give the role to the pods' account %s/%s: %+v", namespace, account, binding)
+	}
+	want := map[string]string{
+		"tokenpolicies": "get,list,watch", "tokenissuers": "get,list,watch", "clustertokenissuers": "get,list,watch",
+		"tokenpolicies/status": "update", "tokenissuers/status": "update", "clustertokenissuers/status": "update",
+	}
+	got := map[string]string{}
+	for _, r := range role.Rules {
+		if len(r.APIGroups) != 1 || r.APIGroups[0] != "tokenauthz.io" || len(r.ResourceNames) > 0 || len(r.NonResourceURLs) > 0 {
+			t.Errorf("a rule beyond tokenauthz.io: %+v", r)
+		}
+		for _, res := range r.Resources {
+			got[res] = strings.Join(r.Verbs, ",")
+		}
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("ClusterRole grants %v, want exactly %v", got, want)
+	}
+}
+
+// TestPolicyExamples: the example team resources decode strictly into the
+// API types and are accepted against the base config, as the pods would
+// (tokenauthz validate -f); the chart's CRDs are the generated ones.
+func TestPolicyExamples(t *testing.T) {
+	cfg, err := loadConfig("../../deploy/kubernetes/base/config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile("../../deploy/kubernetes/examples/team-orders.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := kube.ValidateDocuments(&cfg.Config, &cfg.Kubernetes, "default", map[string][]byte{"team-orders.yaml": b}); len(p) > 0 {
+		t.Errorf("the example is refused: %v", p)
+	}
+	var out, errb strings.Builder
+	if code := cli([]string{"validate", "--config", "../../deploy/kubernetes/base/config.yaml", "-f", "../../deploy/kubernetes/examples/team-orders.yaml"}, &out, &errb); code != 0 {
+		t.Errorf("validate -f: %d %s", code, errb.String())
+	}
+	bad := strings.Replace(string(b), "'orders-writer' in claims.roles", "claims.roles.exists(r, r ==)", 1)
+	bad = strings.Replace(bad, "orders.example.com,", "orders.other.org,", 1)
+	if p := kube.ValidateDocuments(&cfg.Config, &cfg.Kubernetes, "default", map[string][]byte{"bad.yaml": []byte(bad)}); len(p) != 1 ||
+		!strings.Contains(p[0], "HostNotDelegated") {
+		t.Errorf("an undelegated host: %v", p)
+	}
+	bad = strings.Replace(string(b), "'orders-writer' in claims.roles", "claims.roles.exists(r, r ==)", 1)
+	if p := kube.ValidateDocuments(&cfg.Config, &cfg.Kubernetes, "default", map[string][]byte{"bad.yaml": []byte(bad)}); len(p) != 1 ||
+		!strings.Contains(p[0], "InvalidRoute") || !strings.Contains(p[0], "routes[1].when[0]") || !strings.Contains(p[0], ":1:") {
+		t.Errorf("invalid CEL: %v", p)
+	}
+	files, _ := filepath.Glob("../../deploy/kubernetes/crds/*.yaml")
+	for _, f := range files {
+		if filepath.Base(f) == "kustomization.yaml" {
+			continue
+		}
+		gen, _ := os.ReadFile(f)
+		chart, err := os.ReadFile(filepath.Join("../../deploy/helm/tokenauthz/crds", filepath.Base(f)))
+		if err != nil || string(chart) != string(gen) {
+			t.Errorf("the chart's %s is not the generated CRD (cp deploy/kubernetes/crds/tokenauthz.io_*.yaml deploy/helm/tokenauthz/crds/)", filepath.Base(f))
 		}
 	}
 }
