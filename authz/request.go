@@ -380,11 +380,9 @@ func clientAddress(req *authv3.CheckRequest, header string) (addr string, ok boo
 			return a.String(), true
 		}
 	}
-	src := req.GetAttributes().GetSource().GetAddress().GetSocketAddress().GetAddress()
-	if a, ok := parseClientAddr(src); ok {
-		return a.String(), true
-	}
-	return src, true // a pipe or an unnamed peer: charged as it is named
+	// Envoy writes its peer's address canonically: taken as it is (a pipe
+	// or an unnamed peer is charged as it is named).
+	return req.GetAttributes().GetSource().GetAddress().GetSocketAddress().GetAddress(), true
 }
 
 // parseClientAddr reads "1.2.3.4", "1.2.3.4:80", "::1", "[::1]" or
