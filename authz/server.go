@@ -137,12 +137,13 @@ func answerNote(r *verify.Result) string {
 // the configured fraction of allows.
 func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanContext, d *decision, token string, took time.Duration) {
 	info := d.info(took)
+	info.Transport = transportOf(ctx)
 	s.obs.endSpan(span, d, info)
 	s.obs.Observer.Decision(info)
 	if d.quiet || d.allow && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
 		return
 	}
-	attrs := []slog.Attr{slog.String("reason", d.reason), slog.Int("status", int(d.httpStatus))}
+	attrs := []slog.Attr{slog.String("reason", d.reason), slog.Int("status", int(d.httpStatus)), slog.String("transport", info.Transport)}
 	if d.allow {
 		attrs[1] = slog.Int("status", 200)
 	}

@@ -45,7 +45,25 @@ type DecisionInfo struct {
 	Reason   string
 	Route    string
 	Issuer   string
-	Took     time.Duration
+	// Transport is how the check came: grpc (Envoy's Check) or http (the
+	// HTTP authorization endpoint).
+	Transport string
+	Took      time.Duration
+}
+
+type transportKey struct{}
+
+// WithTransport marks ctx as a check that came by transport (for metrics,
+// spans and logs); Check's own callers are grpc.
+func WithTransport(ctx context.Context, transport string) context.Context {
+	return context.WithValue(ctx, transportKey{}, transport)
+}
+
+func transportOf(ctx context.Context) string {
+	if t, ok := ctx.Value(transportKey{}).(string); ok {
+		return t
+	}
+	return "grpc"
 }
 
 type nopObserver struct{}

@@ -17,6 +17,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/authz/httpauthz"
 	"github.com/tokenauthz/tokenauthz/authz/kube"
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/deploy"
@@ -28,6 +29,10 @@ type fileConfig struct {
 	Server       serverConfig `yaml:"server"`
 	Cache        cache.Config `yaml:"cache"`
 	Kubernetes   kube.Config  `yaml:"kubernetes"`
+	// HTTPAuthz configures the HTTP authorization endpoint
+	// (server.http_authz_addr): which proxies' request shapes it takes and
+	// which proxies may call it.
+	HTTPAuthz httpauthz.Config `yaml:"http_authz"`
 	authz.Config `yaml:",inline"`
 }
 
@@ -54,6 +59,10 @@ type serverConfig struct {
 	// ShutdownTimeout bounds the graceful drain of in-flight checks after
 	// the lameduck pause; then the server stops hard. Default 15s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// HTTPAuthzAddr serves the HTTP authorization endpoint (nginx
+	// auth_request, Traefik forwardAuth, Envoy http_service) on a listener
+	// of its own, never the admin or metrics one. Default off.
+	HTTPAuthzAddr string `yaml:"http_authz_addr"`
 	// AdminAddr serves the admin API on a listener of its own (host:port),
 	// off the health and metrics port; default: on http_addr.
 	AdminAddr string `yaml:"admin_addr"`
@@ -93,6 +102,12 @@ func (s *serverConfig) validateAddrs() []string {
 		}
 	}
 	check("server.grpc_addr", s.GRPCAddr, true)
+	if s.HTTPAuthzAddr != "" {
+		check("server.http_authz_addr", s.HTTPAuthzAddr, false)
+		if s.HTTPAuthzAddr == s.HTTPAddr || s.HTTPAuthzAddr == s.AdminAddr {
+			p = append(p, "server.http_authz_addr: a listener of its own, not the metrics or admin one")
+		}
+	}
 	if s.AdminAddr != "" {
 		check("server.admin_addr", s.AdminAddr, false)
 	}
@@ -187,6 +202,7 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	cfg.Config.RoutesFromResources = cfg.Kubernetes.Enabled
 	problems = append(problems, cfg.Config.Validate()...)
 	problems = append(problems, cfg.Kubernetes.Validate()...)
+	problems = append(problems, cfg.HTTPAuthz.Validate()...)
 	problems = append(problems, cfg.Cache.Validate()...)
 	switch cfg.Server.LogFormat {
 	case "json", "text":

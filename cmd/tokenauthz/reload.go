@@ -169,6 +169,9 @@ func restartOnlyChange(cur, next *fileConfig) string {
 	if d := firstDiff("server", reflect.ValueOf(cur.Server), reflect.ValueOf(next.Server)); d != "" {
 		return d
 	}
+	if !reflect.DeepEqual(cur.HTTPAuthz, next.HTTPAuthz) {
+		return "http_authz"
+	}
 	if cur.Kubernetes.Enabled != next.Kubernetes.Enabled || !reflect.DeepEqual(cur.Kubernetes.Namespaces, next.Kubernetes.Namespaces) ||
 		!reflect.DeepEqual(cur.Kubernetes.HostDelegation, next.Kubernetes.HostDelegation) {
 		return "kubernetes"

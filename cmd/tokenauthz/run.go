@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/authz/httpauthz"
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/verify"
 )
@@ -238,13 +239,39 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		adminAddr += " (off until an admin token is configured)"
 	}
 
+	// The HTTP authorization endpoint, on a listener of its own: the same
+	// decisions for proxies that ask over HTTP.
+	authzAddr := "off"
+	if cfg.Server.HTTPAuthzAddr != "" {
+		h, err := httpauthz.New(cfg.HTTPAuthz, srv, prop, log)
+		if err != nil {
+			return fmt.Errorf("http_authz: %w", err)
+		}
+		zlis, err := net.Listen("tcp", cfg.Server.HTTPAuthzAddr)
+		if err != nil {
+			return fmt.Errorf("%s", listenError("server.http_authz_addr", "server.http_authz_addr", cfg.Server.HTTPAuthzAddr, err))
+		}
+		zsrv := h.Server()
+		go func() {
+			if err := zsrv.Serve(zlis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http authorization server failed", "error", err)
+			}
+		}()
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_ = zsrv.Shutdown(sctx)
+		}()
+		authzAddr = zlis.Addr().String()
+	}
+
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(grpcLis) }()
 	httpAddr := "off"
 	if httpLis != nil {
 		httpAddr = httpLis.Addr().String()
 	}
-	log.Info("serving", "grpc_addr", grpcLis.Addr().String(), "http_addr", httpAddr, "admin_addr", adminAddr,
+	log.Info("serving", "grpc_addr", grpcLis.Addr().String(), "http_addr", httpAddr, "admin_addr", adminAddr, "http_authz_addr", authzAddr,
 		"issuers", len(cfg.Issuers), "routes", len(cfg.Routes))
 
 	select {
