@@ -26,6 +26,7 @@ import (
 	"net/http/httputil"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -45,6 +46,7 @@ import (
 	"k8s.io/apiserver/pkg/storage/etcd3/testserver"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/yaml"
 
 	"github.com/tokenauthz/tokenauthz/api/v1alpha1"
@@ -171,14 +173,18 @@ func (c *cluster) apply(doc string) error {
 		c.t.Fatal(err)
 	}
 	res := c.resource(&u)
-	cur, err := res.Get(context.Background(), u.GetName(), metav1.GetOptions{})
-	if err == nil {
-		u.SetResourceVersion(cur.GetResourceVersion())
-		_, err = res.Update(context.Background(), &u, metav1.UpdateOptions{})
+	// The pods write status meanwhile: an update that lost that race is
+	// retried on the newer version.
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		cur, err := res.Get(context.Background(), u.GetName(), metav1.GetOptions{})
+		if err == nil {
+			u.SetResourceVersion(cur.GetResourceVersion())
+			_, err = res.Update(context.Background(), &u, metav1.UpdateOptions{})
+			return err
+		}
+		_, err = res.Create(context.Background(), &u, metav1.CreateOptions{})
 		return err
-	}
-	_, err = res.Create(context.Background(), &u, metav1.CreateOptions{})
-	return err
+	})
 }
 
 func (c *cluster) delete(kind, ns, name string) {
@@ -375,7 +381,8 @@ func TestTokenPolicies(t *testing.T) {
 	must := func(doc string) {
 		t.Helper()
 		if err := c.apply(doc); err != nil {
-			t.Fatalf("apply: %v\n%s", err, doc)
+			t.Errorf("apply: %v\n%s", err, doc) // Errorf: also called from subtests
+			runtime.Goexit()
 		}
 	}
 	must(fmt.Sprintf(`

@@ -36,6 +36,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -49,6 +50,7 @@ var (
 	concurrency = flag.Int("c", 50, "concurrent ghz workers")
 	distinct    = flag.Int("distinct", 10000, "tokens in rotation for the distinct-token workload")
 	keep        = flag.Bool("keep", false, "keep the work directory")
+	only        = flag.String("only", "", "run only the workloads whose name holds this")
 )
 
 func main() {
@@ -128,9 +130,13 @@ func run() error {
 		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], *distinct},
 		{"every token new", files["new"], 0},
 		{"DPoP, new proofs", "", 0},
+		{"one token, warm, HTTP", "http:" + one[0], 2000},
 	}
 	var results []result
 	for _, w := range workloads {
+		if *only != "" && !strings.Contains(w.name, *only) {
+			continue
+		}
 		if w.data == "" {
 			// Proofs are valid for max_age: signed just before they are used.
 			step("signing DPoP proofs")
@@ -287,7 +293,7 @@ func writeConfig(dir string, key *rsa.PrivateKey) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	cfg := fmt.Sprintf(`server: { grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", reflection: true }
+	cfg := fmt.Sprintf(`server: { grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", http_authz_addr: "127.0.0.1:0", reflection: true }
 issuers:
   - name: bench
     issuer: "https://bench.example"
@@ -387,6 +393,7 @@ func bareVerify(key *rsa.PrivateKey) time.Duration {
 type server struct {
 	cmd            *exec.Cmd
 	grpc, httpAddr string
+	authz          string // the HTTP authorization endpoint
 }
 
 func start(dir, name, cfgPath string) (*server, error) {
@@ -400,11 +407,16 @@ func start(dir, name, cfgPath string) (*server, error) {
 		if err := s.cmd.Start(); err != nil {
 			return nil, err
 		}
-		line, err := bufio.NewReader(out).ReadString('\n')
+		rd := bufio.NewReader(out)
+		line, err := rd.ReadString('\n')
 		if err != nil {
 			return nil, err
 		}
-		s.grpc = strings.TrimSpace(line)
+		hline, err := rd.ReadString('\n')
+		if err != nil {
+			return nil, err
+		}
+		s.grpc, s.authz = strings.TrimSpace(line), strings.TrimSpace(hline)
 		return s, nil
 	}
 	s.cmd = exec.Command(filepath.Join(dir, "tokenauthz"), "serve", "--config", cfgPath)
@@ -418,7 +430,7 @@ func start(dir, name, cfgPath string) (*server, error) {
 	}
 	// The "serving" log line names the addresses; later lines are drained
 	// so the pipe never blocks the server.
-	addrs := make(chan [2]string, 1)
+	addrs := make(chan [3]string, 1)
 	go func() {
 		sc := bufio.NewScanner(errPipe)
 		for sc.Scan() {
@@ -426,13 +438,14 @@ func start(dir, name, cfgPath string) (*server, error) {
 			if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == "serving" {
 				g, _ := m["grpc_addr"].(string)
 				h, _ := m["http_addr"].(string)
-				addrs <- [2]string{g, h}
+				z, _ := m["http_authz_addr"].(string)
+				addrs <- [3]string{g, h, z}
 			}
 		}
 	}()
 	select {
 	case a := <-addrs:
-		s.grpc, s.httpAddr = a[0], a[1]
+		s.grpc, s.httpAddr, s.authz = a[0], a[1], a[2]
 		return s, nil
 	case <-time.After(30 * time.Second):
 		s.stop()
@@ -504,8 +517,12 @@ func measure(dir, ghz, name, cfgPath, data string, warm int) (result, error) {
 		return result{}, err
 	}
 	defer s.stop()
+	load := func(n int) (*ghzReport, error) { return ghzRun(ghz, s.grpc, data, n) }
+	if tok, isHTTP := strings.CutPrefix(data, "http:"); isHTTP {
+		load = func(n int) (*ghzReport, error) { return httpRun(s.authz, tok, n) }
+	}
 	if warm > 0 {
-		if _, err := ghzRun(ghz, s.grpc, data, warm); err != nil {
+		if _, err := load(warm); err != nil {
 			return result{}, err
 		}
 	}
@@ -514,7 +531,7 @@ func measure(dir, ghz, name, cfgPath, data string, warm int) (result, error) {
 	if err != nil {
 		return result{}, err
 	}
-	rep, err := ghzRun(ghz, s.grpc, data, *requests)
+	rep, err := load(*requests)
 	if err != nil {
 		return result{}, err
 	}
@@ -578,7 +595,7 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 		higher bool // the figure must be at least the limit
 	}
 	var ts []target
-	for i := 0; i+1 < len(rs); i += 2 {
+	for i := 0; i+1 < len(rs) && *only == ""; i += 2 {
 		a, t := rs[i], rs[i+1]
 		switch i / 2 {
 		case 1:
@@ -601,6 +618,20 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 				float64(t.cpuPerCheck) / float64(warm), limit, false})
 		}
 	}
+	var grpcWarm, httpWarm, httpFloor time.Duration
+	for i, r := range rs {
+		switch {
+		case r.workload == "one token, warm" && r.server == "tokenauthz":
+			grpcWarm = r.cpuPerCheck
+		case r.workload == "one token, warm, HTTP" && r.server == "tokenauthz":
+			httpWarm, httpFloor = r.cpuPerCheck, rs[i-1].cpuPerCheck
+		}
+	}
+	if grpcWarm > 0 && httpWarm > 0 {
+		ts = append(ts, target{"HTTP endpoint, warm: CPU per check vs warm gRPC check", float64(httpWarm) / float64(grpcWarm), 1.2, false})
+		fmt.Fprintf(w, "HTTP floor (allow-all over HTTP/1.1 keep-alive): %s a check; tokenauthz over HTTP adds %s\n\n",
+			httpFloor.Round(100*time.Nanosecond), (httpWarm - httpFloor).Round(100*time.Nanosecond))
+	}
 	for _, t := range ts {
 		verdict := "met"
 		if (t.higher && t.got < t.limit) || (!t.higher && t.got > t.limit) {
@@ -612,4 +643,66 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 		}
 		fmt.Fprintf(w, "%-70s %6.2fx (target %s %.2fx) %s\n", t.what, t.got, op, t.limit, verdict)
 	}
+}
+
+// httpRun sends n nginx-shaped authorization requests (GET /nginx with the
+// original request in X-Original-* headers) with the concurrency of the
+// gRPC runs, over HTTP/1.1 keep-alive, and reports as ghz does.
+func httpRun(addr, token string, n int) (*ghzReport, error) {
+	tr := &http.Transport{MaxIdleConnsPerHost: *concurrency, MaxConnsPerHost: *concurrency}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	var (
+		mu   sync.Mutex
+		lats = make([]time.Duration, 0, n)
+		ok   int
+		next = make(chan struct{}, n)
+		wg   sync.WaitGroup
+	)
+	for range n {
+		next <- struct{}{}
+	}
+	close(next)
+	start := time.Now()
+	for range *concurrency {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range next {
+				req, _ := http.NewRequest(http.MethodGet, "http://"+addr+"/nginx", nil)
+				req.Header.Set("X-Original-URI", "/api/orders/1")
+				req.Header.Set("X-Original-Method", "GET")
+				req.Header.Set("X-Forwarded-Host", "api.example.com")
+				req.Header.Set("X-Forwarded-Proto", "https")
+				req.Header.Set("Authorization", "Bearer "+token)
+				t0 := time.Now()
+				resp, err := client.Do(req)
+				took := time.Since(t0)
+				if err == nil {
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+				mu.Lock()
+				lats = append(lats, took)
+				if err == nil && resp.StatusCode == http.StatusOK {
+					ok++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if ok != n {
+		return nil, fmt.Errorf("http: %d of %d checks allowed", ok, n)
+	}
+	slices.Sort(lats)
+	r := &ghzReport{Count: n, RPS: float64(n) / elapsed.Seconds()}
+	for _, p := range []int{50, 99} {
+		r.Latency = append(r.Latency, struct {
+			Percentage int   `json:"percentage"`
+			Latency    int64 `json:"latency"`
+		}{p, int64(lats[len(lats)*p/100])})
+	}
+	return r, nil
 }

@@ -26,13 +26,13 @@ import (
 // fileConfig is the whole configuration file: the server's own settings
 // plus the decision policy (authz.Config) at the top level.
 type fileConfig struct {
-	Server       serverConfig `yaml:"server"`
-	Cache        cache.Config `yaml:"cache"`
-	Kubernetes   kube.Config  `yaml:"kubernetes"`
+	Server     serverConfig `yaml:"server"`
+	Cache      cache.Config `yaml:"cache"`
+	Kubernetes kube.Config  `yaml:"kubernetes"`
 	// HTTPAuthz configures the HTTP authorization endpoint
 	// (server.http_authz_addr): which proxies' request shapes it takes and
 	// which proxies may call it.
-	HTTPAuthz httpauthz.Config `yaml:"http_authz"`
+	HTTPAuthz    httpauthz.Config `yaml:"http_authz"`
 	authz.Config `yaml:",inline"`
 }
 

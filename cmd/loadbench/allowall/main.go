@@ -1,6 +1,6 @@
 // Command allowall is the yardstick for tokenauthz's load figures: an
 // ext_authz Check server that reads nothing and allows everything, on the
-// same gRPC stack (and with reflection, for ghz).
+// same gRPC stack (and with reflection, for ghz), and its HTTP twin.
 package main
 
 import (
@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -34,7 +35,21 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	fmt.Println(lis.Addr().String()) // the load script reads the port from here
+	// The HTTP floor: an authorization endpoint that reads the request
+	// (net/http parses every header) and allows it.
+	hlis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })}
+	hs.Protocols = new(http.Protocols)
+	hs.Protocols.SetHTTP1(true)
+	hs.Protocols.SetUnencryptedHTTP2(true)
+	go func() { _ = hs.Serve(hlis) }()
+	// The load script reads the ports from here: gRPC, then HTTP.
+	fmt.Println(lis.Addr().String())
+	fmt.Println(hlis.Addr().String())
 	gs := grpc.NewServer()
 	authv3.RegisterAuthorizationServer(gs, allowAll{})
 	reflection.Register(gs)
