@@ -104,7 +104,7 @@ func (s *serverConfig) validateAddrs() []string {
 	check("server.grpc_addr", s.GRPCAddr, true)
 	if s.HTTPAuthzAddr != "" {
 		check("server.http_authz_addr", s.HTTPAuthzAddr, false)
-		if s.HTTPAuthzAddr == s.HTTPAddr || s.HTTPAuthzAddr == s.AdminAddr {
+		if !strings.HasSuffix(s.HTTPAuthzAddr, ":0") && (s.HTTPAuthzAddr == s.HTTPAddr || s.HTTPAuthzAddr == s.AdminAddr) {
 			p = append(p, "server.http_authz_addr: a listener of its own, not the metrics or admin one")
 		}
 	}
