@@ -126,6 +126,7 @@ func (o *Observability) endSpan(span trace.Span, d *decision, info DecisionInfo)
 			attribute.String("tokenauthz.decision", info.Decision),
 			attribute.String("tokenauthz.reason", info.Reason),
 			attribute.String("tokenauthz.route", info.Route),
+			attribute.String("tokenauthz.transport", info.Transport),
 			attribute.Int("http.response.status_code", d.status()),
 		}
 		if r := d.result; r != nil {

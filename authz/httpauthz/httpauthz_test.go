@@ -7,13 +7,18 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,6 +64,7 @@ func start(t *testing.T, hc httpauthz.Config) *fixture {
 			{Name: "public", Match: authz.Match{PathPrefix: "/public"}, Anonymous: true},
 			{Name: "admin", Match: authz.Match{PathPrefix: "/admin"}, Scopes: []string{"admin"}},
 			{Name: "pay", Match: authz.Match{PathPrefix: "/pay"}, SenderConstraint: "required"},
+			{Name: "mtls", Match: authz.Match{PathPrefix: "/mtls"}, SenderConstraint: "required"},
 			{Name: "default", Match: authz.Match{PathPrefix: "/"}},
 		},
 		Headers: authz.ClaimHeaders(map[string]string{"x-user-id": "sub"}),
@@ -444,4 +450,67 @@ func TestNginxSnippet(t *testing.T) {
 	if want := nginxLocations("http://tokenauthz:9192", "http://app"); !strings.Contains(string(b), want) {
 		t.Errorf("the README's nginx snippet is not the tested one:\n%s", want)
 	}
+}
+
+// TestClientCertificates: a certificate-bound token (RFC 8705) is checked
+// against the certificate nginx ($ssl_client_escaped_cert) or Traefik
+// (passTLSClientCert, pem: true) forwards.
+func TestClientCertificates(t *testing.T) {
+	f := start(t, httpauthz.Config{})
+	derA, derB := selfSigned(t), selfSigned(t)
+	sum := sha256.Sum256(derA)
+	tok := f.token(t, "read", map[string]any{"cnf": map[string]any{"x5t#S256": base64.RawURLEncoding.EncodeToString(sum[:])}})
+	pemOf := func(der []byte) string {
+		return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	}
+	call := func(shape string, h map[string]string) int {
+		req, _ := http.NewRequest("GET", "http://"+f.addr+"/"+shape, nil)
+		if shape == "nginx" {
+			req.Header.Set("X-Original-URI", "/mtls/1")
+			req.Header.Set("X-Original-Method", "GET")
+		} else {
+			req.Header.Set("X-Forwarded-Uri", "/mtls/1")
+			req.Header.Set("X-Forwarded-Method", "GET")
+			req.Header.Set("X-Forwarded-Proto", "https")
+		}
+		req.Header.Set("X-Forwarded-Host", "api.example.com")
+		req.Header.Set("Authorization", "Bearer "+tok)
+		for k, v := range h {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, tc := range []struct {
+		shape, header string
+		value         func([]byte) string
+	}{
+		{"nginx", "X-SSL-Client-Cert", func(der []byte) string { return url.QueryEscape(pemOf(der)) }},
+		{"traefik", "X-Forwarded-Tls-Client-Cert", func(der []byte) string { return url.QueryEscape(base64.StdEncoding.EncodeToString(der)) }},
+	} {
+		if got := call(tc.shape, map[string]string{tc.header: tc.value(derA)}); got != 200 {
+			t.Errorf("%s, the bound certificate: %d", tc.shape, got)
+		}
+		if got := call(tc.shape, map[string]string{tc.header: tc.value(derB)}); got != 401 {
+			t.Errorf("%s, another certificate: %d", tc.shape, got)
+		}
+		if got := call(tc.shape, nil); got != 401 {
+			t.Errorf("%s, no certificate: %d", tc.shape, got)
+		}
+	}
+}
+
+func selfSigned(t *testing.T) []byte {
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "client"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, k.Public(), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
 }
