@@ -19,10 +19,10 @@ type recipeCase struct {
 	header       [2]string // a header the allow must set, and its value
 }
 
-// TestREADMERecipes runs every "# recipe: NAME" block of the README's
+// TestREADMERecipes runs every "# recipe: NAME" block of docs/policy.md
 // Policy section through the real Check server.
 func TestREADMERecipes(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
+	readme, err := os.ReadFile("../docs/policy.md")
 	if err != nil {
 		t.Fatal(err)
 	}

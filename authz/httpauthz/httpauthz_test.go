@@ -443,7 +443,7 @@ func (d *dpopKey) proof(t *testing.T, method, htu, token string) string {
 // TestNginxSnippet: the README's nginx locations are the ones
 // TestThroughNginx runs.
 func TestNginxSnippet(t *testing.T) {
-	b, err := os.ReadFile("../../README.md")
+	b, err := os.ReadFile("../../docs/http-endpoint.md")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -183,7 +183,7 @@ func waitFor(t *testing.T, cond func() bool) {
 // must decode strictly (no unknown or misspelled keys) and fail validation
 // only for the files it names that this machine lacks.
 func TestReadmeConfigExampleDecodes(t *testing.T) {
-	readme, err := os.ReadFile("../../README.md")
+	readme, err := os.ReadFile("../../docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
