@@ -66,6 +66,8 @@ type celExpr struct {
 	src  string
 	prog cel.Program
 	vars []string // the variables it reads, for Explain
+	// dyn: its type is known only at run time (claims.sub): validate warns.
+	dyn bool
 }
 
 // compileCEL compiles and type-checks src; want is the result type it must
@@ -98,7 +100,7 @@ func compileCEL(src string, want *cel.Type) (*celExpr, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &celExpr{src: src, prog: prog}
+	e := &celExpr{src: src, prog: prog, dyn: want != nil && out.IsExactType(cel.DynType)}
 	seen := map[string]bool{}
 	for _, r := range ast.NativeRep().ReferenceMap() {
 		if r.Name != "" && !seen[r.Name] {

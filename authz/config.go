@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"net/url"
 	"regexp"
 	"slices"
 	"strings"
@@ -364,6 +365,66 @@ func validateRoutes(prefix string, routes []RouteConfig, names map[string]bool, 
 	}
 
 	return p
+}
+
+// Warnings are what validate reports about a valid config that is likely
+// wrong, each naming its key: an issuer that is not a URL, a route that an
+// earlier one shadows (it can never match), a condition whose type is
+// known only at run time (if it is not a bool, it denies every request).
+func (c *Config) Warnings() []string {
+	var w []string
+	for i, is := range c.Issuers {
+		if u, err := url.Parse(is.Issuer); !is.Discovery && (err != nil || u.Scheme == "" || u.Host == "") {
+			w = append(w, fmt.Sprintf("issuers[%d].issuer: %q is not a URL; a token's iss must equal it exactly, and providers use their https URL", i, is.Issuer))
+		}
+	}
+	for j, later := range c.Routes {
+		for i := range j {
+			if earlier := c.Routes[i]; shadows(earlier, later) {
+				w = append(w, fmt.Sprintf("routes[%d] (%s): never matches: routes[%d] (%s) before it matches every request it would", j, later.Name, i, earlier.Name))
+				break
+			}
+		}
+		for k, wr := range later.When {
+			if e, err := compileWhen(wr); err == nil && e.dyn {
+				w = append(w, fmt.Sprintf("routes[%d].when[%d] (%s): its type is known only at run time; if it is not a bool, every request is denied: compare or convert it (%s != '', bool(...))",
+					j, k, later.Name, wr.CEL))
+			}
+		}
+	}
+	return w
+}
+
+// shadows reports whether every request later matches, earlier matches
+// first: same or any host, any method of later's, a path under earlier's.
+func shadows(earlier, later RouteConfig) bool {
+	e, l := earlier.Match, later.Match
+	if e.Host != "" && !strings.EqualFold(strings.TrimSuffix(e.Host, "."), strings.TrimSuffix(l.Host, ".")) {
+		return false
+	}
+	if len(e.Methods) > 0 {
+		if len(l.Methods) == 0 {
+			return false
+		}
+		for _, m := range l.Methods {
+			if !slices.Contains(e.Methods, m) {
+				return false
+			}
+		}
+	}
+	under := func(p, prefix string) bool {
+		prefix = strings.TrimSuffix(prefix, "/")
+		return prefix == "" || p == prefix || strings.HasPrefix(p, prefix+"/")
+	}
+	switch {
+	case e.Path != "":
+		return l.Path == e.Path
+	case l.Path != "":
+		return under(l.Path, e.PathPrefix)
+	case l.PathPrefix != "":
+		return under(l.PathPrefix, e.PathPrefix)
+	}
+	return strings.TrimSuffix(e.PathPrefix, "/") == ""
 }
 
 // hostPatternProblem says what is wrong with a host pattern ("" if

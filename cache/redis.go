@@ -99,6 +99,17 @@ func (c *RedisConfig) withDefaults() RedisConfig {
 	return r
 }
 
+// SecretKey names the key a secret came from: prefix_file when a file was
+// named, else prefix_env, so a message names a key the config has.
+func SecretKey(prefix, file string) string {
+	if file != "" {
+		return prefix + "_file"
+	}
+	return prefix + "_env"
+}
+
+func secretKey(prefix, file string) string { return SecretKey(prefix, file) }
+
 func (c *RedisConfig) validate() []string {
 	var p []string
 	if len(c.Addrs) == 0 {
@@ -118,17 +129,17 @@ func (c *RedisConfig) validate() []string {
 	if c.PasswordFile != "" && c.PasswordEnv != "" {
 		p = append(p, "cache.redis.password_file: set only one of password_file, password_env")
 	} else if _, err := ReadSecret(c.PasswordFile, c.PasswordEnv); err != nil {
-		p = append(p, "cache.redis.password: "+err.Error())
+		p = append(p, secretKey("cache.redis.password", c.PasswordFile)+": "+err.Error())
 	}
 	if _, err := ReadSecret(c.SentinelPasswordFile, c.SentinelPasswordEnv); err != nil {
-		p = append(p, "cache.redis.sentinel_password: "+err.Error())
+		p = append(p, secretKey("cache.redis.sentinel_password", c.SentinelPasswordFile)+": "+err.Error())
 	}
 	if c.HMACKeyFile != "" && c.HMACKeyEnv != "" {
 		p = append(p, "cache.redis.hmac_key_file: set only one of hmac_key_file, hmac_key_env")
 	} else if k, err := ReadSecret(c.HMACKeyFile, c.HMACKeyEnv); err != nil {
-		p = append(p, "cache.redis.hmac_key: "+err.Error())
+		p = append(p, secretKey("cache.redis.hmac_key", c.HMACKeyFile)+": "+err.Error())
 	} else if k != nil && len(k) < 32 {
-		p = append(p, fmt.Sprintf("cache.redis.hmac_key: at least 32 bytes, have %d", len(k)))
+		p = append(p, fmt.Sprintf("%s: at least 32 bytes, have %d", secretKey("cache.redis.hmac_key", c.HMACKeyFile), len(k)))
 	}
 	if c.TLS != nil {
 		if _, err := c.TLS.config(); err != nil {

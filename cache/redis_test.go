@@ -74,7 +74,7 @@ func TestRedisConfigValidation(t *testing.T) {
 	}}
 	got := strings.Join(cfg.Validate(), "\n")
 	for _, want := range []string{"cache.max_bytes", "cache.redis.addrs[0]", "cache.redis.db", "cache.redis.password",
-		"cache.redis.hmac_key: at least 32 bytes", "cache.redis.tls", "cache.redis.timeout"} {
+		"cache.redis.hmac_key_file: at least 32 bytes", "cache.redis.password_file:", "cache.redis.tls", "cache.redis.timeout"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("validation lacks %q:\n%s", want, got)
 		}

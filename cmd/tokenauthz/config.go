@@ -233,9 +233,9 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	if cfg.Server.AdminTokenFile != "" && cfg.Server.AdminTokenEnv != "" {
 		problems = append(problems, "server.admin_token_file: set only one of admin_token_file, admin_token_env")
 	} else if tok, err := cache.ReadSecret(cfg.Server.AdminTokenFile, cfg.Server.AdminTokenEnv); err != nil {
-		problems = append(problems, "server.admin_token: "+err.Error())
+		problems = append(problems, cache.SecretKey("server.admin_token", cfg.Server.AdminTokenFile)+": "+err.Error())
 	} else if tok != nil && len(tok) < 32 {
-		problems = append(problems, fmt.Sprintf("server.admin_token: at least 32 characters, have %d", len(tok)))
+		problems = append(problems, fmt.Sprintf("%s: at least 32 characters, have %d", cache.SecretKey("server.admin_token", cfg.Server.AdminTokenFile), len(tok)))
 	}
 	if len(problems) > 0 {
 		return nil, &configError{file: name, problems: problems}
@@ -289,8 +289,12 @@ func friendlyYAML(msg string, data []byte) string {
 	if m := yamlUnmarshal.FindStringSubmatch(msg); m != nil {
 		key := keyOnLine(data, m[1], m[3])
 		switch m[4] {
-		case "time.Duration":
-			return fmt.Sprintf("line %s: %s: %q is not a duration: durations need a unit, like 30s, 500ms or 5m", m[1], key, m[3])
+		case "time.Duration", "*time.Duration":
+			why := "a number and a unit: ns, us, ms, s, m or h (like 30s, 500ms, 5m, 1h30m)"
+			if _, err := strconv.ParseFloat(m[3], 64); err == nil {
+				why = "durations need a unit, like 30s, 500ms or 5m"
+			}
+			return fmt.Sprintf("line %s: %s: %q is not a duration: %s", m[1], key, m[3], why)
 		}
 		want := map[string]string{"bool": "true or false", "int": "a whole number", "uint64": "a whole number",
 			"float64": "a number", "string": "a string"}[m[4]]

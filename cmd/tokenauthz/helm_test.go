@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -128,6 +130,44 @@ func TestHelmChart(t *testing.T) {
 					t.Error("optional parts are on by default")
 				}
 				return
+			}
+			// The rendered pod's config validates with the files the chart
+			// mounts (the chart's own Secrets and ConfigMaps, laid out at
+			// their mount paths): nothing it names is missing.
+			root := t.TempDir()
+			pod := d.Spec.Template.Spec
+			for _, m := range c.VolumeMounts {
+				for _, v := range pod.Volumes {
+					if v.Name != m.Name {
+						continue
+					}
+					files := map[string]string{}
+					switch {
+					case v.Secret != nil:
+						if sec, _ := objs["Secret/"+v.Secret.SecretName].(*corev1.Secret); sec != nil {
+							for k, b := range sec.Data {
+								files[k] = string(b)
+							}
+						} else if v.Secret.Optional == nil || !*v.Secret.Optional {
+							t.Errorf("the pod requires Secret %s, which the chart does not make", v.Secret.SecretName)
+						}
+					case v.ConfigMap != nil:
+						for k, d := range objs["ConfigMap/"+v.ConfigMap.Name].(*corev1.ConfigMap).Data {
+							files[k] = d
+						}
+					}
+					for k, body := range files {
+						dir := filepath.Join(root, m.MountPath)
+						if err := os.MkdirAll(dir, 0o700); err != nil {
+							t.Fatal(err)
+						}
+						_ = os.WriteFile(filepath.Join(dir, k), []byte(body), 0o600)
+					}
+				}
+			}
+			rooted := strings.ReplaceAll(cm.Data["config.yaml"], "/etc/tokenauthz/", root+"/etc/tokenauthz/")
+			if _, err := parseConfig([]byte(rooted), "the rendered pod's config"); err != nil {
+				t.Errorf("with the files the chart mounts: %v", err)
 			}
 			if !strings.Contains(c.Image, "@sha256:") {
 				t.Errorf("digest not pinned: %q", c.Image)

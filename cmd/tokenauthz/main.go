@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -30,30 +31,52 @@ import (
 	"github.com/tokenauthz/tokenauthz/verify"
 )
 
-const usage = `tokenauthz: an Envoy ext_authz service that verifies bearer tokens locally.
+// commands are the CLI's commands in the order usage lists them, with what
+// each does. Their flags are not listed here: usage asks each command for
+// its --help, so the two cannot disagree.
+var commands = []struct{ name, summary string }{
+	{"demo", "run on the demo config and show an allow and two denies through the real client"},
+	{"serve", "run the service (no --config: the embedded demo config)"},
+	{"validate", "check a config (--config) and, with -f, Kubernetes policy resources; exit 1 naming every problem"},
+	{"demo-token", "mint a token the demo config accepts (--bind-key: DPoP-bound to the key in FILE)"},
+	{"dpop-proof", "print a DPoP proof (RFC 9449) for one request (--key, --url and a token are required)"},
+	{"check", "explain the decision for one request, step by step (--token or --token-file)"},
+	{"revoke", "revoke through a running instance's admin API (admin token from $TOKENAUTHZ_ADMIN_TOKEN or --admin-token-file)"},
+	{"version", "print the version"},
+}
 
-Usage:
-  tokenauthz demo       [--grpc-addr A] [--once]
-                                          run on the demo config and show an allow and two denies
-  tokenauthz serve      [--config FILE] [--grpc-addr A] [--http-addr A]
-                                          run the service (no --config: the embedded demo config)
-  tokenauthz validate   --config FILE [--reach] [-f POLICY.yaml]... [--namespace NS]
-                                          check a config, and with -f Kubernetes policy resources
-                                          (TokenPolicy, TokenIssuer, ClusterTokenIssuer) as the pods
-                                          would; exit 1 naming every problem
-  tokenauthz demo-token [--sub S] [--scope "a b"] [--ttl D] [--bind-key FILE]
-                                          mint a token the demo config accepts (with --bind-key:
-                                          DPoP-bound to the key in FILE, made if missing)
-  tokenauthz dpop-proof --key FILE --method M --url U (--token T | --token-file F) [--nonce N]
-                                          print a DPoP proof (RFC 9449) for one request
-  tokenauthz check      --config FILE (--token T | --token-file F) [--path P] [--method M] [--host H]
-                        [--header k=v]... [--route NAME]
-                                          explain the decision for one request, step by step
-  tokenauthz revoke     --admin URL (--token T | --token-sha256 H | --jti J --issuer N | --sub S --issuer N)
-                        [--ttl D]         revoke through a running instance's admin API
-                                          (admin token from $TOKENAUTHZ_ADMIN_TOKEN or --admin-token-file)
-  tokenauthz version
-`
+// usage is the CLI's summary, built from each command's own flag set.
+func usage() string {
+	var b strings.Builder
+	b.WriteString("tokenauthz: an Envoy ext_authz service that verifies bearer tokens locally.\n\nUsage:\n")
+	for _, c := range commands {
+		var help bytes.Buffer
+		cli([]string{c.name, "--help"}, io.Discard, &help)
+		line := "  tokenauthz " + c.name
+		for _, l := range strings.Split(help.String(), "\n") {
+			if !strings.HasPrefix(l, "  -") {
+				continue
+			}
+			name, arg, _ := strings.Cut(strings.TrimPrefix(l, "  -"), " ")
+			flag := "--" + name
+			if len(name) == 1 {
+				flag = "-" + name
+			}
+			if arg = strings.TrimSpace(arg); arg != "" {
+				flag += " " + placeholder(name, arg)
+			}
+			if len(line)+len(flag)+3 > 100 {
+				b.WriteString(line + "\n")
+				line = "                       "
+			}
+			line += " [" + flag + "]"
+		}
+		b.WriteString(line + "\n")
+		b.WriteString("        " + c.summary + "\n")
+	}
+	b.WriteString("\nEvery command takes --help.\n")
+	return b.String()
+}
 
 func main() {
 	os.Exit(cli(os.Args[1:], os.Stdout, os.Stderr))
@@ -61,7 +84,7 @@ func main() {
 
 func cli(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
+		fmt.Fprint(stderr, usage())
 		return 2
 	}
 	cmd, args := args[0], args[1:]
@@ -90,6 +113,7 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		var policies stringList
 		fs.Var(&policies, "f", "a file of TokenPolicy, TokenIssuer and ClusterTokenIssuer resources to check against the config (repeatable)")
 		namespace := fs.String("namespace", "default", "the namespace of -f resources that name none")
+		strict := fs.Bool("strict", false, "treat warnings (valid but likely wrong) as errors")
 		if code, ok := parseFlags(fs, args); !ok {
 			return code
 		}
@@ -148,18 +172,28 @@ func cli(args []string, stdout, stderr io.Writer) int {
 				return 1
 			}
 		}
+		if w := cfg.Warnings(); len(w) > 0 {
+			for _, line := range w {
+				fmt.Fprintln(stderr, "warning: "+line)
+			}
+			if *strict {
+				fmt.Fprintf(stderr, "%s: %d warning(s), and --strict makes them errors\n", *config, len(w))
+				return 1
+			}
+		}
 		fmt.Fprintf(stdout, "%s: ok\n", *config)
 		return 0
 	case "demo-token":
 		sub := fs.String("sub", "alice", "subject")
 		scope := fs.String("scope", "read", "space-separated scopes")
 		email := fs.String("email", "alice@example.com", "email claim (empty: none)")
-		ttl := fs.Duration("ttl", time.Hour, "lifetime")
+		ttl := time.Hour
+		fs.Var(durationFlag{&ttl}, "ttl", "lifetime, like 1h or 30m")
 		bindKey := fs.String("bind-key", "", "bind the token to this DPoP key (a private JWK file; made if missing)")
 		if code, ok := parseFlags(fs, args); !ok {
 			return code
 		}
-		tok, err := demoToken(*sub, *scope, *email, *ttl, *bindKey)
+		tok, err := demoToken(*sub, *scope, *email, ttl, *bindKey)
 		if err != nil {
 			fmt.Fprintln(stderr, err)
 			return 1
@@ -213,13 +247,24 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		}
 		return revoke(o, stdout, stderr)
 	case "version", "--version":
+		if code, ok := parseFlags(fs, args); !ok {
+			return code
+		}
 		fmt.Fprintln(stdout, version())
 		return 0
 	case "help", "-h", "--help":
-		fmt.Fprint(stdout, usage)
+		fmt.Fprint(stdout, usage())
 		return 0
 	}
-	fmt.Fprintf(stderr, "unknown command %q\n\n%s", cmd, usage)
+	names := make([]string, len(commands))
+	for i, c := range commands {
+		names[i] = c.name
+	}
+	fmt.Fprintf(stderr, "unknown command %q", cmd)
+	if n := nearest(cmd, names); n != "" {
+		fmt.Fprintf(stderr, " (did you mean %s?)", n)
+	}
+	fmt.Fprintf(stderr, "\n\n%s", usage())
 	return 2
 }
 
@@ -468,3 +513,44 @@ type stringList []string
 
 func (l *stringList) String() string     { return strings.Join(*l, ",") }
 func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
+
+// placeholder names a flag's argument in usage.
+func placeholder(name, typ string) string {
+	switch {
+	case name == "f" || name == "config" || strings.HasSuffix(name, "-file") || name == "key" || name == "bind-key":
+		return "FILE"
+	case strings.HasSuffix(name, "-addr"):
+		return "ADDR"
+	case name == "url" || name == "admin":
+		return "URL"
+	case name == "ttl":
+		return "DURATION"
+	case name == "header":
+		return "NAME=VALUE"
+	case typ == "string" || typ == "value":
+		return strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
+	}
+	return typ
+}
+
+// durationFlag is a duration flag whose error says what a duration is.
+type durationFlag struct{ d *time.Duration }
+
+func (f durationFlag) String() string {
+	if f.d == nil {
+		return ""
+	}
+	return f.d.String()
+}
+
+func (f durationFlag) Set(v string) error {
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		if _, num := strconv.ParseFloat(v, 64); num == nil {
+			return fmt.Errorf("durations need a unit, like 30m or 1h")
+		}
+		return fmt.Errorf("not a duration: a number and a unit (ns, us, ms, s, m, h), like 30m or 1h")
+	}
+	*f.d = d
+	return nil
+}

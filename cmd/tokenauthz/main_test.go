@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -395,6 +398,179 @@ func TestDemoCommand(t *testing.T) {
 	for _, want := range []string{"ALLOW: headers for the upstream:", "x-user-id=alice", "DENY 403", `scope="admin"`, "DENY 401", "grpcurl -plaintext"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestErrorKeysExist: every key a config problem names is a key of the
+// config file (issue 26: messages named server.admin_token or
+// cache.redis.hmac_key, which no config has).
+func TestErrorKeysExist(t *testing.T) {
+	dir := t.TempDir()
+	short := filepath.Join(dir, "short")
+	_ = os.WriteFile(short, []byte("short"), 0o600)
+	bad := fmt.Sprintf(`server:
+  grpc_addr: nowhere
+  admin_token_file: %[1]s
+  tls: { cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem, client_ca_file: /nonexistent/ca.pem }
+  log_format: xml
+  lameduck: -1s
+cache:
+  max_bytes: 10
+  redis: { addrs: [no-port], password_file: /nonexistent/pw, sentinel_password_env: NO_SUCH_ENV_26, hmac_key_file: %[1]s, timeout: -1s }
+issuers:
+  - { name: main, issuer: https://i.example, algorithms: [RS999], leeway: 10m, hmac_secret_file: /nonexistent/h }
+routes:
+  - { name: r, match: { path: /a, path_prefix: /b, host: "bad host", methods: [get] }, sender_constraint: x, introspect: y,
+      when: ["claims.x =="], headers: { Bad: sub }, issuers: [nobody] }
+headers: { authorization: sub }
+http_authz: { proxies: [haproxy], trusted_proxies: [nope] }
+kubernetes: { host_delegation: [{ namespaces: [], hosts: [] }] }
+`, short)
+	_, err := parseConfig([]byte(bad), "bad.yaml")
+	if err == nil {
+		t.Fatal("a bad config parsed")
+	}
+	problems := err.(*configError).problems
+	t.Logf("%d problems: %q", len(problems), problems)
+	if len(problems) < 15 {
+		t.Fatalf("only %d problems: %v", len(problems), problems)
+	}
+	for _, p := range problems {
+		key, _, _ := strings.Cut(p, ": ")
+		if strings.HasPrefix(key, "line ") {
+			continue
+		}
+		if !schemaHas(reflect.TypeOf(fileConfig{}), key) {
+			t.Errorf("%q names %q, which is no key of the config file", p, key)
+		}
+	}
+}
+
+// schemaHas walks a YAML key path (a.b[0].c, map keys allowed) through the
+// yaml tags of t.
+func schemaHas(t reflect.Type, path string) bool {
+	path = regexp.MustCompile(`\[\d+\]`).ReplaceAllString(path, "")
+	for part := range strings.SplitSeq(path, ".") {
+		for t.Kind() == reflect.Pointer || t.Kind() == reflect.Slice {
+			t = t.Elem()
+		}
+		if t.Kind() == reflect.Map {
+			t = t.Elem() // any map key
+			continue
+		}
+		if t.Kind() != reflect.Struct {
+			return false
+		}
+		found := false
+		for f := range structFields(t) {
+			name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+			if name == part {
+				t, found = f.Type, true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// structFields are t's fields, those of inline (embedded) structs included.
+func structFields(t reflect.Type) func(func(reflect.StructField) bool) {
+	return func(yield func(reflect.StructField) bool) {
+		for i := range t.NumField() {
+			f := t.Field(i)
+			if strings.Contains(f.Tag.Get("yaml"), "inline") {
+				for g := range structFields(f.Type) {
+					if !yield(g) {
+						return
+					}
+				}
+				continue
+			}
+			if !yield(f) {
+				return
+			}
+		}
+	}
+}
+
+// TestDocumentedFlagsExist: every flag the README and docs/ show with a
+// tokenauthz command is one of that command's flags (usage and --help come
+// from the same definitions, so they cannot disagree either).
+func TestDocumentedFlagsExist(t *testing.T) {
+	files, _ := filepath.Glob("../../docs/*.md")
+	files = append(files, "../../README.md")
+	flagsOf := map[string]string{}
+	for _, c := range commands {
+		var help bytes.Buffer
+		if code := cli([]string{c.name, "--help"}, io.Discard, &help); code != 0 {
+			t.Fatalf("%s --help exits %d", c.name, code)
+		}
+		flagsOf[c.name] = help.String()
+		if !strings.Contains(usage(), "tokenauthz "+c.name) {
+			t.Errorf("usage lacks %s", c.name)
+		}
+	}
+	use := regexp.MustCompile(`tokenauthz ([a-z-]+)((?: +(?:\[|\(|\|)?-{1,2}[a-z][a-z-]*[^|\]\n` + "`" + `]*)*)`)
+	flag := regexp.MustCompile(`(?:^|[\s\[(|])(-{1,2})([a-z][a-z-]*)`)
+	seen := 0
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range use.FindAllStringSubmatch(string(b), -1) {
+			help, ok := flagsOf[m[1]]
+			if !ok {
+				continue // "tokenauthz serves", prose
+			}
+			for _, fm := range flag.FindAllStringSubmatch(m[2], -1) {
+				seen++
+				if !strings.Contains(help, "  -"+fm[2]+" ") && !strings.Contains(help, "  -"+fm[2]+"\n") {
+					t.Errorf("%s: tokenauthz %s --%s: no such flag", filepath.Base(f), m[1], fm[2])
+				}
+			}
+		}
+	}
+	if seen < 20 {
+		t.Errorf("only %d documented flags found: the pattern misses them", seen)
+	}
+}
+
+// TestValidateWarnings: a valid config that is likely wrong passes validate
+// with a warning naming the route or issuer, and fails with --strict.
+func TestValidateWarnings(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	jwks := `{"keys":[{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"k"}]}`
+	_ = os.WriteFile(path, []byte(`issuers:
+  - { name: main, issuer: main-idp, audiences: [api], algorithms: [ES256], jwks: '`+jwks+`' }
+routes:
+  - { name: reports, match: { path: /reports }, when: ["claims.sub"] }
+  - { name: all, match: { path_prefix: / } }
+  - { name: admin, match: { path_prefix: /admin }, scopes: [admin] }
+`), 0o600)
+	var out, errb bytes.Buffer
+	if code := cli([]string{"validate", "--config", path}, &out, &errb); code != 0 {
+		t.Fatalf("warnings are not errors: exit %d\n%s", code, errb.String())
+	}
+	for _, want := range []string{`issuers[0].issuer: "main-idp" is not a URL`, "routes[2] (admin): never matches: routes[1] (all)",
+		"routes[0].when[0] (reports): its type is known only at run time"} {
+		if !strings.Contains(errb.String(), want) {
+			t.Errorf("no warning %q in\n%s", want, errb.String())
+		}
+	}
+	errb.Reset()
+	if code := cli([]string{"validate", "--strict", "--config", path}, &out, &errb); code != 1 {
+		t.Errorf("--strict: exit %d", code)
+	}
+	// The demo and deploy configs have none.
+	for _, f := range []string{"../../deploy/demo/config.yaml", "../../deploy/kubernetes/base/config.yaml"} {
+		errb.Reset()
+		if code := cli([]string{"validate", "--strict", "--config", f}, &out, &errb); code != 0 {
+			t.Errorf("%s: %s", f, errb.String())
 		}
 	}
 }

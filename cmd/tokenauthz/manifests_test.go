@@ -65,6 +65,8 @@ func newObject(t *testing.T, kind string) any {
 		return &corev1.Service{}
 	case "ConfigMap":
 		return &corev1.ConfigMap{}
+	case "Secret":
+		return &corev1.Secret{}
 	case "ServiceAccount":
 		return &corev1.ServiceAccount{}
 	case "Namespace":

@@ -60,6 +60,9 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 		o(&ro)
 	}
 	logEffectiveConfig(log, cfg)
+	for _, w := range cfg.Warnings() {
+		log.Warn("config warning (tokenauthz validate lists these)", "warning", w)
+	}
 	tp, shutdownTracing, err := tracing(ctx)
 	if err != nil {
 		return fmt.Errorf("tracing: %w", err)

@@ -25,9 +25,9 @@ type tlsConfig struct {
 func (c *tlsConfig) validate() []string {
 	var p []string
 	if c.CertFile == "" || c.KeyFile == "" {
-		p = append(p, "server.tls: cert_file and key_file are both required")
+		p = append(p, "server.tls.cert_file: cert_file and key_file are both required")
 	} else if _, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile); err != nil {
-		p = append(p, "server.tls: "+err.Error())
+		p = append(p, "server.tls.cert_file: "+err.Error()+" (with key_file)")
 	}
 	if c.ClientCAFile != "" {
 		if _, err := loadPool(c.ClientCAFile); err != nil {

@@ -26,7 +26,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $cfg := deepCopy .Values.config -}}
 {{- if .Values.redis.enabled -}}
 {{- $redis := dict "addrs" (list (printf "%s-redis:6379" (include "tokenauthz.fullname" .))) -}}
-{{- if .Values.redis.hmacKeyFile }}{{ $_ := set $redis "hmac_key_file" (printf "/etc/tokenauthz/secrets/%s" .Values.redis.hmacKeyFile) }}{{ end -}}
+{{- if .Values.redis.hmac }}{{ $_ := set $redis "hmac_key_file" "/etc/tokenauthz/redis-hmac/cache-hmac" }}{{ end -}}
 {{- $cache := get $cfg "cache" | default dict -}}
 {{- $_ := set $cache "redis" $redis -}}
 {{- $_ := set $cfg "cache" $cache -}}
@@ -43,4 +43,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- else -}}{{ fail "resources.limits.memory: give it in Mi or Gi, or set goMemLimitMiB" }}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "tokenauthz.hmacSecret" -}}
+{{- .Values.redis.hmacKeySecret | default (printf "%s-redis-hmac" (include "tokenauthz.fullname" .)) -}}
 {{- end -}}
