@@ -132,6 +132,14 @@ type RouteConfig struct {
 	// "none" ignores binding (for migrations only: a stolen bound token
 	// then works as a bearer token).
 	SenderConstraint string `yaml:"sender_constraint"`
+	// Mode is enforce (default) or dry_run: the whole decision runs and is
+	// logged, counted (dry_run="true"), traced and put in dynamic metadata,
+	// and the request is then allowed, so a rule can be tried on live
+	// traffic before it is enforced. Claim headers are sent only from a
+	// token that passed verification, revocation and binding; spoofed copies
+	// are removed as always. A dry-run route is an open route: validate and
+	// the startup log name each one.
+	Mode string `yaml:"mode"`
 	// Userinfo adds the userinfo endpoint's claims under "userinfo." for
 	// claim headers and claim rules (every accepted issuer needs a userinfo
 	// block).
@@ -332,6 +340,9 @@ func validateRoutes(prefix string, routes []RouteConfig, names map[string]bool, 
 		if _, ok := senderModes[r.SenderConstraint]; !ok {
 			bad(key+".sender_constraint", "%q is not none, if_bound or required", r.SenderConstraint)
 		}
+		if r.Mode != "" && r.Mode != "enforce" && r.Mode != "dry_run" {
+			bad(key+".mode", "%q is not enforce or dry_run", r.Mode)
+		}
 		if _, ok := introspectModes[r.Introspect]; !ok {
 			bad(key+".introspect", "%q is not opaque, always or never", r.Introspect)
 		}
@@ -379,6 +390,9 @@ func (c *Config) Warnings() []string {
 		}
 	}
 	for j, later := range c.Routes {
+		if later.Mode == "dry_run" {
+			w = append(w, fmt.Sprintf("routes[%d] (%s): dry_run: decisions are evaluated and logged, not enforced (an open route)", j, later.Name))
+		}
 		for i := range j {
 			if earlier := c.Routes[i]; shadows(earlier, later) {
 				w = append(w, fmt.Sprintf("routes[%d] (%s): never matches: routes[%d] (%s) before it matches every request it would", j, later.Name, i, earlier.Name))

@@ -35,6 +35,12 @@ type decision struct {
 	// DPoP challenges (RFC 9449 §7.1): the scheme ("" for Bearer), the
 	// accepted algorithms and a fresh nonce for use_dpop_nonce.
 	challenge, algs, dpopNonce string
+	// dryRun: a dry-run route's allow; wouldBe is the decision it replaced
+	// (nil: the route would have allowed too).
+	dryRun  bool
+	wouldBe *decision
+	// step is the step that decided a deny ("" for an allow).
+	step string
 	// For allows: the route's claim headers, set and removed.
 	set    []*corev3.HeaderValueOption
 	remove []string
@@ -258,10 +264,20 @@ var okStatus = &status.Status{Code: int32(codes.OK)}
 // for (nil for none). Route and issuer values are built once per config.
 func (d *decision) metadata(p *policy) *structpb.Struct {
 	m := p.meta
-	if !m.route && !m.issuer && !m.sub && !m.scope {
+	if !m.route && !m.issuer && !m.sub && !m.scope && !d.dryRun {
 		return nil
 	}
 	f := make(map[string]*structpb.Value, 4)
+	if d.dryRun {
+		// What the route would have answered, for later filters and logs.
+		f["dry_run"] = structpb.NewBoolValue(true)
+		would, reason := "allow", "ok"
+		if w := d.wouldBe; w != nil {
+			would, reason = w.info(0).Decision, w.reason
+		}
+		f["dry_run_decision"] = structpb.NewStringValue(would)
+		f["dry_run_reason"] = structpb.NewStringValue(reason)
+	}
 	if m.route {
 		f["route"] = d.route.metaName
 	}

@@ -72,6 +72,7 @@ type route struct {
 	anonymous bool
 	// allowMissing: no token is an allow without identity; a bad one a 401.
 	allowMissing bool
+	dryRun       bool // mode: dry_run
 	sender       senderMode
 	metaName     *structpb.Value // the name as dynamic metadata, shared by responses
 	vpol         verify.Policy   // what the token must pass in verify
@@ -207,7 +208,7 @@ func compileRoute(rc RouteConfig, name string, defaultIssuers []string, topHeade
 	r := &route{
 		name: name, host: strings.ToLower(strings.TrimSuffix(rc.Match.Host, ".")), path: path,
 		prefix: strings.TrimSuffix(prefix, "/"), methods: withHEAD(rc.Match.Methods),
-		anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, sender: senderModes[rc.SenderConstraint], scopes: rc.Scopes, metaName: structpb.NewStringValue(name),
+		anonymous: rc.Anonymous, allowMissing: rc.AllowMissing, dryRun: rc.Mode == "dry_run", sender: senderModes[rc.SenderConstraint], scopes: rc.Scopes, metaName: structpb.NewStringValue(name),
 		vpol: verify.Policy{Issuers: rc.Issuers, Introspect: introspectModes[rc.Introspect], Userinfo: rc.Userinfo},
 	}
 	if len(r.vpol.Issuers) == 0 {

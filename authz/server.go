@@ -140,11 +140,16 @@ func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanC
 	info.Transport = transportOf(ctx)
 	s.obs.endSpan(span, d, info)
 	s.obs.Observer.Decision(info)
-	if d.quiet || d.allow && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
+	allowed := d.allow && d.wouldBe == nil // a dry-run's would-be deny is logged as a deny
+	if d.quiet || allowed && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
 		return
 	}
-	attrs := []slog.Attr{slog.String("reason", d.reason), slog.Int("status", int(d.httpStatus)), slog.String("transport", info.Transport)}
-	if d.allow {
+	attrs := []slog.Attr{slog.String("reason", info.Reason), slog.Int("status", int(d.httpStatus)), slog.String("transport", info.Transport)}
+	switch {
+	case d.wouldBe != nil:
+		attrs[1] = slog.Int("status", int(d.wouldBe.httpStatus))
+		attrs = append(attrs, slog.Bool("dry_run", true), slog.String("enforced", "allow"))
+	case d.allow:
 		attrs[1] = slog.Int("status", 200)
 	}
 	if info.Route != "" {

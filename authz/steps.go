@@ -97,11 +97,46 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 			}
 			if d.allow {
 				d.set, d.remove = c.set, c.remove
+			} else {
+				d.step = steps[i].name
+			}
+			if c.r != nil && c.r.dryRun && (!d.allow || d.reason != "ok") {
+				return c.dryRun(ctx, d), c.tok
 			}
 			return d, c.tok
 		}
 	}
-	return &decision{allow: true, reason: "ok", route: c.r, result: c.res, set: c.set, remove: c.remove}, c.tok
+	d := &decision{allow: true, reason: "ok", route: c.r, result: c.res, set: c.set, remove: c.remove}
+	if c.r != nil && c.r.dryRun {
+		d.dryRun = true
+	}
+	return d, c.tok
+}
+
+// dryRun turns a dry-run route's decision into an allow that carries it.
+// Claim headers come only from a token that got past verification,
+// revocation and binding (a deny later than those); otherwise every claim
+// header is removed, as on an anonymous route.
+func (c *check) dryRun(ctx context.Context, would *decision) *decision {
+	if would.allow { // anonymous or a missing token: nothing to replace
+		would.dryRun = true
+		return would
+	}
+	d := &decision{allow: true, reason: "dry_run", route: c.r, dryRun: true, wouldBe: would, issuer: would.issuer}
+	switch would.step {
+	case "scopes", "claims", "when", "headers":
+		d.result = c.res
+		if would.step != "headers" && stepHeaders(ctx, c) == nil {
+			d.set, d.remove = c.set, c.remove
+			return d
+		}
+	}
+	d.set = nil
+	d.remove = make([]string, 0, len(c.r.headers))
+	for i := range c.r.headers {
+		d.remove = append(d.remove, c.r.headers[i].header)
+	}
+	return d
 }
 
 func stepRequest(_ context.Context, c *check) *decision {

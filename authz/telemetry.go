@@ -48,7 +48,10 @@ type DecisionInfo struct {
 	// Transport is how the check came: grpc (Envoy's Check) or http (the
 	// HTTP authorization endpoint).
 	Transport string
-	Took      time.Duration
+	// DryRun: a dry-run route's decision: Decision and Reason are what the
+	// route would have answered; the request was allowed.
+	DryRun bool
+	Took   time.Duration
 }
 
 type transportKey struct{}
@@ -127,6 +130,7 @@ func (o *Observability) endSpan(span trace.Span, d *decision, info DecisionInfo)
 			attribute.String("tokenauthz.reason", info.Reason),
 			attribute.String("tokenauthz.route", info.Route),
 			attribute.String("tokenauthz.transport", info.Transport),
+			attribute.Bool("tokenauthz.dry_run", info.DryRun),
 			attribute.Int("http.response.status_code", d.status()),
 		}
 		if r := d.result; r != nil {
@@ -154,7 +158,12 @@ func (o *Observability) endSpan(span trace.Span, d *decision, info DecisionInfo)
 
 // info summarises d for metrics, spans and logs.
 func (d *decision) info(took time.Duration) DecisionInfo {
-	i := DecisionInfo{Decision: "deny", Reason: d.reason, Took: took}
+	if d.wouldBe != nil {
+		i := d.wouldBe.info(took)
+		i.DryRun = true
+		return i
+	}
+	i := DecisionInfo{Decision: "deny", Reason: d.reason, Took: took, DryRun: d.dryRun}
 	switch {
 	case d.allow:
 		i.Decision = "allow"

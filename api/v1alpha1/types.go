@@ -85,6 +85,10 @@ type Route struct {
 	SenderConstraint string `json:"sender_constraint,omitempty"`
 	// +optional
 	Userinfo bool `json:"userinfo,omitempty"`
+	// Mode: enforce (default) or dry_run (evaluated and reported, then allowed).
+	// +optional
+	// +kubebuilder:validation:Enum=enforce;dry_run
+	Mode string `json:"mode,omitempty"`
 }
 
 // Match selects requests by path and method (the policy's hosts select by

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -86,8 +87,8 @@ func newMetrics() *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenauthz_decisions_total",
-			Help: "Check decisions by decision (allow, deny, error), reason, route, issuer and transport (grpc, http)."},
-			[]string{"decision", "reason", "route", "issuer", "transport"}),
+			Help: "Check decisions by decision (allow, deny, error), reason, route, issuer, transport (grpc, http) and dry_run (a dry-run route's would-be decision; the request was allowed)."},
+			[]string{"decision", "reason", "route", "issuer", "transport", "dry_run"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "tokenauthz_decision_duration_seconds",
 			Help:    "Time to decide one Check, by decision.",
 			Buckets: []float64{25e-6, 50e-6, 100e-6, 250e-6, 500e-6, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1}},
@@ -124,7 +125,7 @@ func newMetrics() *metrics {
 
 // Decision implements authz.Observer.
 func (m *metrics) Decision(d authz.DecisionInfo) {
-	m.decisions.WithLabelValues(d.Decision, d.Reason, d.Route, d.Issuer, d.Transport).Inc()
+	m.decisions.WithLabelValues(d.Decision, d.Reason, d.Route, d.Issuer, d.Transport, strconv.FormatBool(d.DryRun)).Inc()
 	m.latency.WithLabelValues(d.Decision).Observe(d.Took.Seconds())
 }
 
