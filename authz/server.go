@@ -112,11 +112,39 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *aut
 // every step's reason: which route matched and why, the token's issuer,
 // which check failed. It is how an operator answers "why was this denied?".
 func (s *Server) Explain(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, []string) {
+	resp, e := s.ExplainDecision(ctx, req)
+	return resp, e.Steps
+}
+
+// Explanation is what one decision went through: its steps (as Explain
+// renders them), the route, the reason, and every `when` condition
+// evaluated with its outcome. Policy tests read it (tokenauthz test).
+type Explanation struct {
+	Steps  []string
+	Route  string // "" when no route was chosen
+	Reason string // ok, when_false, insufficient_scope, expired, …
+	DryRun bool
+	When   []WhenResult
+}
+
+// WhenResult is one evaluated `when` condition of a route.
+type WhenResult struct {
+	Route  string
+	Index  int
+	Expr   string
+	Result bool
+	Err    error
+}
+
+// ExplainDecision decides req as Check would and says how.
+func (s *Server) ExplainDecision(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, *Explanation) {
 	st := s.state.Load()
 	h := req.GetAttributes().GetRequest().GetHttp()
 	tr := &trail{}
 	d, _ := s.decide(ctx, st, req, tr)
-	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()), tr.steps
+	info := d.info(0)
+	return d.response(st.pol, h.GetHeaders(), h.GetHeaderMap().GetHeaders()),
+		&Explanation{Steps: tr.steps, Route: info.Route, Reason: info.Reason, DryRun: info.DryRun, When: tr.whens}
 }
 
 func orDash(src cache.Source) string {

@@ -464,7 +464,10 @@ func (c *check) bindVars() {
 
 // trail collects the steps of a decision for Explain, rendered from what
 // each step left in the check.
-type trail struct{ steps []string }
+type trail struct {
+	steps []string
+	whens []WhenResult
+}
 
 func (t *trail) add(format string, args ...any) {
 	t.steps = append(t.steps, fmt.Sprintf(format, args...))
@@ -556,6 +559,13 @@ func (t *trail) step(name string, c *check, d *decision) {
 // values of the variables it read.
 func (t *trail) when(c *check) {
 	for _, o := range c.when {
+		idx := 0
+		for i := range c.r.when {
+			if &c.r.when[i] == o.rule {
+				idx = i
+			}
+		}
+		t.whens = append(t.whens, WhenResult{Route: c.r.name, Index: idx, Expr: o.rule.expr.src, Result: o.ok && o.err == nil, Err: o.err})
 		switch {
 		case o.err != nil:
 			t.add("when %s: error: %v (denied)%s", o.rule.expr.src, o.err, t.varsOf(c, o.rule.expr))

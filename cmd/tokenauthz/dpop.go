@@ -97,6 +97,11 @@ func dpopProof(o proofOptions) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return signProof(k, o.method, u.String(), tok, o.nonce)
+}
+
+// signProof signs a DPoP proof with k for one request (RFC 9449 §4.2).
+func signProof(k jwk.Key, method, htu, tok, nonce string) (string, error) {
 	pub, err := k.PublicKey()
 	if err != nil {
 		return "", err
@@ -104,10 +109,10 @@ func dpopProof(o proofOptions) (string, error) {
 	jti := make([]byte, 16)
 	_, _ = rand.Read(jti)
 	ath := sha256.Sum256([]byte(tok))
-	claims := map[string]any{"jti": base64.RawURLEncoding.EncodeToString(jti), "htm": o.method, "htu": u.String(),
+	claims := map[string]any{"jti": base64.RawURLEncoding.EncodeToString(jti), "htm": method, "htu": htu,
 		"iat": time.Now().Unix(), "ath": base64.RawURLEncoding.EncodeToString(ath[:])}
-	if o.nonce != "" {
-		claims["nonce"] = o.nonce
+	if nonce != "" {
+		claims["nonce"] = nonce
 	}
 	payload, err := json.Marshal(claims)
 	if err != nil {
@@ -121,4 +126,9 @@ func dpopProof(o proofOptions) (string, error) {
 		return "", err
 	}
 	return string(signed), nil
+}
+
+// jwsPayload decodes a compact JWS's payload part.
+func jwsPayload(part string) ([]byte, error) {
+	return base64.RawURLEncoding.DecodeString(part)
 }

@@ -38,6 +38,7 @@ var commands = []struct{ name, summary string }{
 	{"demo", "run on the demo config and show an allow and two denies through the real client"},
 	{"serve", "run the service (no --config: the embedded demo config)"},
 	{"validate", "check a config (--config) and, with -f, Kubernetes policy resources; exit 1 naming every problem"},
+	{"test", "run policy test files (FILES or DIRS of *_test.yaml) through the real decision steps; exit 1 on a failure"},
 	{"demo-token", "mint a token the demo config accepts (--bind-key: DPoP-bound to the key in FILE)"},
 	{"dpop-proof", "print a DPoP proof (RFC 9449) for one request (--key, --url and a token are required)"},
 	{"check", "explain the decision for one request, step by step (--token or --token-file)"},
@@ -183,6 +184,16 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stdout, "%s: ok\n", *config)
 		return 0
+	case "test":
+		junit := fs.String("junit", "", "also write the results as JUnit XML to FILE, for CI systems")
+		cover := fs.Bool("coverage", false, "list routes, when conditions (and which outcomes) and header rules no case exercised")
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return 0
+			}
+			return 2
+		}
+		return policyTests(fs.Args(), *junit, *cover, stdout, stderr)
 	case "demo-token":
 		sub := fs.String("sub", "alice", "subject")
 		scope := fs.String("scope", "read", "space-separated scopes")
