@@ -8,6 +8,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"net"
 	"runtime"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/authz/decisionlog"
 	"github.com/tokenauthz/tokenauthz/verify"
 	"github.com/tokenauthz/tokenauthz/verify/idptest"
 )
@@ -280,4 +282,17 @@ func BenchmarkCheckWarmHostPolicies(b *testing.B) {
 	r := req{host: "x.app777.example.com", path: "/orders/1", headers: bearer(benchToken(b, k, idp))}.proto()
 	runChecks(b, srv, r)
 	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/(1<<20), "MiB-policies")
+}
+
+// BenchmarkCheckWarmDecisionLog is BenchmarkCheckWarm with decision logs at
+// their default sampling (1% of allows) into a discarding sink: the cost of
+// the sampling and of one event in a hundred.
+func BenchmarkCheckWarmDecisionLog(b *testing.B) {
+	srv, k, idp := benchServer(b, "RS256", verify.Options{})
+	dl, err := decisionlog.New(context.Background(), decisionlog.Config{}, io.Discard)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider(), DecisionLog: dl})
+	runChecks(b, srv, req{headers: bearer(benchToken(b, k, idp))}.proto())
 }

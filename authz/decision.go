@@ -41,6 +41,8 @@ type decision struct {
 	wouldBe *decision
 	// step is the step that decided a deny ("" for an allow).
 	step string
+	// event is the decision log's event in the making (nil: not sampled).
+	event *DecisionEvent
 	// For allows: the route's claim headers, set and removed.
 	set    []*corev3.HeaderValueOption
 	remove []string

@@ -2,6 +2,7 @@ package authz
 
 import (
 	"context"
+	crand "crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -168,6 +169,20 @@ func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanC
 	info.Transport = transportOf(ctx)
 	s.obs.endSpan(span, d, info)
 	s.obs.Observer.Decision(info)
+	if ev := d.event; ev != nil {
+		ev.ID = newDecisionID()
+		ev.Time = time.Now().UTC()
+		if sc := span.SpanContext(); sc.HasTraceID() {
+			ev.TraceID, ev.SpanID = sc.TraceID().String(), sc.SpanID().String()
+		}
+		ev.Transport, ev.Route, ev.Issuer, ev.Decision, ev.Reason = info.Transport, info.Route, info.Issuer, info.Decision, info.Reason
+		ev.DryRun, ev.LatencyMS = info.DryRun, float64(took.Microseconds())/1000
+		ev.Status = d.status()
+		if d.wouldBe != nil {
+			ev.Status = d.wouldBe.status()
+		}
+		s.obs.DecisionLog.Log(*ev)
+	}
 	allowed := d.allow && d.wouldBe == nil // a dry-run's would-be deny is logged as a deny
 	if d.quiet || allowed && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
 		return
@@ -199,6 +214,13 @@ func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanC
 		attrs = append(attrs, slog.String("detail", d.detail))
 	}
 	s.log.LogAttrs(ctx, slog.LevelInfo, info.Decision, attrs...)
+}
+
+// newDecisionID is a random 128-bit id, hex.
+func newDecisionID() string {
+	var b [16]byte
+	_, _ = crand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // TokenHash is a short SHA-256 digest of a token, for logs: enough to

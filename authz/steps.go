@@ -85,6 +85,33 @@ func (s *Server) decide(ctx context.Context, st *state, req *authv3.CheckRequest
 	c := checks.Get().(*check)
 	*c = check{s: s, pol: st.pol, v: st.v, req: req, h: req.GetAttributes().GetRequest().GetHttp()}
 	defer func() { *c = check{}; checks.Put(c) }()
+	d, tok := c.run(ctx, obs)
+	if dl := s.obs.DecisionLog; dl != nil && dl.Sample(d.allow && d.wouldBe == nil) {
+		d.event = c.event(d) // the check is recycled: what the event needs is copied now
+	}
+	return d, tok
+}
+
+// event copies what a decision event needs from the check.
+func (c *check) event(d *decision) *DecisionEvent {
+	ev := &DecisionEvent{Request: EventRequest{Method: c.rq.method, Host: c.rq.host, Path: c.rq.path}, Step: d.step}
+	if d.wouldBe != nil {
+		ev.Step = d.wouldBe.step
+	}
+	if res := c.res; res != nil {
+		ev.TokenKind, ev.Sub, ev.ClientID = res.Kind, res.Claims.Scalar("sub"), res.Claims.Scalar("client_id")
+	}
+	for _, o := range c.when {
+		w := WhenOutcome{Expr: o.rule.expr.src, Result: o.ok && o.err == nil}
+		if o.err != nil {
+			w.Error = o.err.Error()
+		}
+		ev.When = append(ev.When, w)
+	}
+	return ev
+}
+
+func (c *check) run(ctx context.Context, obs stepObserver) (*decision, string) {
 	for i := range steps {
 		d := steps[i].run(ctx, c)
 		if obs != nil {

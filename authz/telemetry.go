@@ -26,8 +26,58 @@ type Observability struct {
 	TraceSubject bool
 	// AllowLogRate is the fraction of allows logged (denies always are).
 	AllowLogRate float64
+	// DecisionLog receives one structured event per sampled decision
+	// (decision_log); nil for none.
+	DecisionLog DecisionLogger
 
 	tracer trace.Tracer
+}
+
+// DecisionLogger receives decision events: Sample says whether a
+// decision of that outcome is logged (no event is built otherwise), Log
+// takes the event and must never block.
+type DecisionLogger interface {
+	Sample(allow bool) bool
+	Log(DecisionEvent)
+}
+
+// DecisionEvent is one decision, for audit. It holds no token, proof or
+// secret: the subject and client id as the token said them (mask them with
+// decision_log.mask), the rest from the config and the decision.
+type DecisionEvent struct {
+	ID        string        `json:"decision_id"`
+	Time      time.Time     `json:"time"`
+	TraceID   string        `json:"trace_id,omitempty"`
+	SpanID    string        `json:"span_id,omitempty"`
+	Transport string        `json:"transport"`
+	Request   EventRequest  `json:"request"`
+	Route     string        `json:"route,omitempty"`
+	Issuer    string        `json:"issuer,omitempty"`
+	TokenKind string        `json:"token_kind,omitempty"`
+	Sub       string        `json:"sub,omitempty"`
+	ClientID  string        `json:"client_id,omitempty"`
+	Decision  string        `json:"decision"`
+	Status    int           `json:"status"`
+	Reason    string        `json:"reason"`
+	Step      string        `json:"failed_step,omitempty"`
+	When      []WhenOutcome `json:"when,omitempty"`
+	DryRun    bool          `json:"dry_run"`
+	LatencyMS float64       `json:"latency_ms"`
+	Pod       string        `json:"pod,omitempty"`
+}
+
+// EventRequest is what an event says of the request: no headers, no query.
+type EventRequest struct {
+	Method string `json:"method"`
+	Host   string `json:"host"`
+	Path   string `json:"path"`
+}
+
+// WhenOutcome is one evaluated condition in an event.
+type WhenOutcome struct {
+	Expr   string `json:"expr"`
+	Result bool   `json:"result"`
+	Error  string `json:"error,omitempty"`
 }
 
 // Observer receives every decision, for metrics. It must be cheap and safe

@@ -17,6 +17,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/authz/decisionlog"
 	"github.com/tokenauthz/tokenauthz/authz/httpauthz"
 	"github.com/tokenauthz/tokenauthz/authz/kube"
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -32,7 +33,10 @@ type fileConfig struct {
 	// HTTPAuthz configures the HTTP authorization endpoint
 	// (server.http_authz_addr): which proxies' request shapes it takes and
 	// which proxies may call it.
-	HTTPAuthz    httpauthz.Config `yaml:"http_authz"`
+	HTTPAuthz httpauthz.Config `yaml:"http_authz"`
+	// DecisionLog, when set, writes one structured event per (sampled)
+	// decision: JSON lines on stdout, or OTLP logs.
+	DecisionLog  *decisionlog.Config `yaml:"decision_log"`
 	authz.Config `yaml:",inline"`
 }
 
@@ -203,6 +207,9 @@ func parseConfig(data []byte, name string) (*fileConfig, error) {
 	problems = append(problems, cfg.Config.Validate()...)
 	problems = append(problems, cfg.Kubernetes.Validate()...)
 	problems = append(problems, cfg.HTTPAuthz.Validate()...)
+	if cfg.DecisionLog != nil {
+		problems = append(problems, cfg.DecisionLog.Validate()...)
+	}
 	problems = append(problems, cfg.Cache.Validate()...)
 	switch cfg.Server.LogFormat {
 	case "json", "text":

@@ -172,6 +172,9 @@ func restartOnlyChange(cur, next *fileConfig) string {
 	if !reflect.DeepEqual(cur.HTTPAuthz, next.HTTPAuthz) {
 		return "http_authz"
 	}
+	if !reflect.DeepEqual(cur.DecisionLog, next.DecisionLog) {
+		return "decision_log"
+	}
 	if cur.Kubernetes.Enabled != next.Kubernetes.Enabled || !reflect.DeepEqual(cur.Kubernetes.Namespaces, next.Kubernetes.Namespaces) ||
 		!reflect.DeepEqual(cur.Kubernetes.HostDelegation, next.Kubernetes.HostDelegation) {
 		return "kubernetes"

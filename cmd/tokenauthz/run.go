@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/authz/decisionlog"
 	"github.com/tokenauthz/tokenauthz/authz/httpauthz"
 	"github.com/tokenauthz/tokenauthz/cache"
 	"github.com/tokenauthz/tokenauthz/verify"
@@ -101,8 +102,22 @@ func run(ctx context.Context, cfg *fileConfig, grpcLis, httpLis net.Listener, lo
 	if err != nil {
 		return err
 	}
-	srv.Observe(authz.Observability{TracerProvider: tp, Propagator: prop, Observer: met,
-		TraceSubject: cfg.Server.TraceSubject, AllowLogRate: cfg.Server.LogAllows})
+	obs := authz.Observability{TracerProvider: tp, Propagator: prop, Observer: met,
+		TraceSubject: cfg.Server.TraceSubject, AllowLogRate: cfg.Server.LogAllows}
+	if dc := cfg.DecisionLog; dc != nil {
+		dl, err := decisionlog.New(ctx, *dc, os.Stdout)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_ = dl.Close(sctx) // writes what is buffered
+		}()
+		obs.DecisionLog = dl
+		met.watchDecisionLog(dl)
+	}
+	srv.Observe(obs)
 	denylist := cache.NewDenylist(shared, nil)
 	srv.UseDenylist(denylist)
 	bg, stopBG := context.WithCancel(context.Background())

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +22,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/tokenauthz/tokenauthz/authz"
+	"github.com/tokenauthz/tokenauthz/authz/decisionlog"
 	"github.com/tokenauthz/tokenauthz/cache"
 )
 
@@ -188,4 +190,13 @@ func (m *metrics) watchFleet(ages func() map[string]time.Duration, shared *cache
 			Help: "Redis entries ignored because they failed the HMAC check or did not decode."},
 			func() float64 { return float64(shared.Rejected.Load()) }),
 	)
+}
+
+// watchDecisionLog exports the decision log's dropped events.
+func (m *metrics) watchDecisionLog(dl *decisionlog.Logger) {
+	for cause, n := range map[string]*atomic.Int64{"rate_limit": &dl.RateLimited, "buffer_full": &dl.BufferFull} {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tokenauthz_decision_log_dropped_total",
+			Help:        "Decision events not written: over decision_log.max_per_second, or the buffer full (a slow sink).",
+			ConstLabels: prometheus.Labels{"cause": cause}}, func() float64 { return float64(n.Load()) }))
+	}
 }
