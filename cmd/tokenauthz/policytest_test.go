@@ -5,6 +5,7 @@ import (
 	"encoding/xml"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -88,5 +89,32 @@ cases:
 	}
 	if err := xml.Unmarshal(b, &js); err != nil || js.Tests != 4 || js.Failures != 1 || js.Cases[3].Failure == nil {
 		t.Errorf("junit: %v %+v\n%s", err, js, b)
+	}
+}
+
+// TestRecipeSuites: docs/policy.md's recipes are test files that
+// tokenauthz test runs: each recipe's block stands unchanged in its
+// config in docs/recipes, and every case passes.
+func TestRecipeSuites(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/policy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := regexp.MustCompile("(?s)```yaml\n# recipe: ([a-z-]+)\n(.*?)```").FindAllStringSubmatch(string(doc), -1)
+	if len(blocks) < 7 {
+		t.Fatalf("%d recipes in docs/policy.md", len(blocks))
+	}
+	for _, b := range blocks {
+		cfg, err := os.ReadFile(filepath.Join("../../docs/recipes", b[1]+".yaml"))
+		if err != nil || !strings.Contains(string(cfg), b[2]) {
+			t.Errorf("docs/recipes/%s.yaml does not hold the recipe as docs/policy.md shows it (%v)", b[1], err)
+		}
+		if _, err := os.Stat(filepath.Join("../../docs/recipes", b[1]+"_test.yaml")); err != nil {
+			t.Errorf("recipe %s has no test file", b[1])
+		}
+	}
+	var out, errb bytes.Buffer
+	if code := cli([]string{"test", "../../docs/recipes"}, &out, &errb); code != 0 || !strings.Contains(out.String(), " 0 failed") {
+		t.Errorf("the recipes' suites: exit %d\n%s%s", code, out.String(), errb.String())
 	}
 }
