@@ -121,16 +121,28 @@ func run() error {
 	}
 	bareES := bareVerifyES256(dpopKey)
 
+	// The same config with decision logs on at their default sampling,
+	// written to stdout as in production (the script discards the pipe).
+	base, err := os.ReadFile(cfgPath)
+	if err != nil {
+		return err
+	}
+	logCfg := filepath.Join(dir, "config-decision-log.yaml")
+	if err := os.WriteFile(logCfg, append(base, []byte("decision_log: { allows: 0.01, denies: 1.0 }\n")...), 0o600); err != nil {
+		return err
+	}
 	workloads := []struct {
 		name, data string
-		warm       int // checks sent before measuring (same payloads)
+		warm       int    // checks sent before measuring (same payloads)
+		cfg        string // tokenauthz's config, if not the common one
 	}{
-		{"one token, warm", files["same"], 2000},
-		{"warm, 3 CEL whens + 2 CEL headers", files["cel"], 2000},
-		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], *distinct},
-		{"every token new", files["new"], 0},
-		{"DPoP, new proofs", "", 0},
-		{"one token, warm, HTTP", "http:" + one[0], 2000},
+		{"one token, warm", files["same"], 2000, ""},
+		{"warm, 3 CEL whens + 2 CEL headers", files["cel"], 2000, ""},
+		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], *distinct, ""},
+		{"every token new", files["new"], 0, ""},
+		{"DPoP, new proofs", "", 0, ""},
+		{"one token, warm, HTTP", "http:" + one[0], 2000, ""},
+		{"one token, warm, decision log", files["same"], 2000, logCfg},
 	}
 	var results []result
 	for _, w := range workloads {
@@ -146,7 +158,11 @@ func run() error {
 		}
 		for _, srv := range []string{"allowall", "tokenauthz"} {
 			step(fmt.Sprintf("%s: %s", w.name, srv))
-			r, err := measure(dir, ghz, srv, cfgPath, w.data, w.warm)
+			c := cfgPath
+			if w.cfg != "" {
+				c = w.cfg
+			}
+			r, err := measure(dir, ghz, srv, c, w.data, w.warm)
 			if err != nil {
 				return fmt.Errorf("%s on %s: %w", w.name, srv, err)
 			}
@@ -618,19 +634,27 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 				float64(t.cpuPerCheck) / float64(warm), limit, false})
 		}
 	}
-	var grpcWarm, httpWarm, httpFloor time.Duration
+	var grpcWarm, grpcFloor, httpWarm, httpFloor, logWarm, logFloor time.Duration
 	for i, r := range rs {
 		switch {
 		case r.workload == "one token, warm" && r.server == "tokenauthz":
-			grpcWarm = r.cpuPerCheck
+			grpcWarm, grpcFloor = r.cpuPerCheck, rs[i-1].cpuPerCheck
 		case r.workload == "one token, warm, HTTP" && r.server == "tokenauthz":
 			httpWarm, httpFloor = r.cpuPerCheck, rs[i-1].cpuPerCheck
+		case r.workload == "one token, warm, decision log" && r.server == "tokenauthz":
+			logWarm, logFloor = r.cpuPerCheck, rs[i-1].cpuPerCheck
 		}
 	}
 	if grpcWarm > 0 && httpWarm > 0 {
 		ts = append(ts, target{"HTTP endpoint, warm: CPU per check vs warm gRPC check", float64(httpWarm) / float64(grpcWarm), 1.2, false})
 		fmt.Fprintf(w, "HTTP floor (allow-all over HTTP/1.1 keep-alive): %s a check; tokenauthz over HTTP adds %s\n\n",
 			httpFloor.Round(100*time.Nanosecond), (httpWarm - httpFloor).Round(100*time.Nanosecond))
+	}
+	if grpcWarm > 0 && logWarm > 0 {
+		// Each against its own allow-all run, so the machine's drift
+		// between the two runs cancels.
+		ts = append(ts, target{"decision logs (default sampling): CPU vs allow-all, over the same without",
+			(float64(logWarm) / float64(logFloor)) / (float64(grpcWarm) / float64(grpcFloor)), 1.05, false})
 	}
 	for _, t := range ts {
 		verdict := "met"
