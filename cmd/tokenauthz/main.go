@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -112,7 +113,7 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		config := fs.String("config", "", "configuration file")
 		reach := fs.Bool("reach", false, "also reach each issuer once (discovery, key set, introspection and userinfo endpoints)")
 		var policies stringList
-		fs.Var(&policies, "f", "a file of TokenPolicy, TokenIssuer and ClusterTokenIssuer resources to check against the config (repeatable)")
+		fs.Var(&policies, "f", "a file (or a directory of *.yaml) of TokenPolicy, TokenIssuer and ClusterTokenIssuer resources to check against the config (repeatable)")
 		namespace := fs.String("namespace", "default", "the namespace of -f resources that name none")
 		strict := fs.Bool("strict", false, "treat warnings (valid but likely wrong) as errors")
 		if code, ok := parseFlags(fs, args); !ok {
@@ -133,7 +134,18 @@ func cli(args []string, stdout, stderr io.Writer) int {
 		}
 		if len(policies) > 0 {
 			docs := map[string][]byte{}
+			var files []string
 			for _, f := range policies {
+				if st, err := os.Stat(f); err == nil && st.IsDir() {
+					for _, pat := range []string{"*.yaml", "*.yml"} {
+						m, _ := filepath.Glob(filepath.Join(f, pat))
+						files = append(files, m...)
+					}
+					continue
+				}
+				files = append(files, f)
+			}
+			for _, f := range files {
 				b, err := os.ReadFile(f)
 				if err != nil {
 					fmt.Fprintln(stderr, err)
