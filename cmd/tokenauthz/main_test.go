@@ -574,3 +574,29 @@ routes:
 		}
 	}
 }
+
+// TestReadmeConfigBlocks: every config shown in the README decodes
+// strictly (each key it names is a key of the config) and validates.
+func TestReadmeConfigBlocks(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, m := range regexp.MustCompile("(?s)```yaml\n(.*?)```").FindAllStringSubmatch(string(readme), -1) {
+		if !strings.Contains(m[1], "issuers:") {
+			continue // a manifest or a fragment, not a tokenauthz config
+		}
+		n++
+		if _, err := parseConfig([]byte(m[1]), "README block"); err != nil {
+			for _, p := range err.(*configError).problems {
+				if !strings.Contains(p, "no such file") && !strings.Contains(p, "discovery") {
+					t.Errorf("README config block: %s\n%s", p, m[1])
+				}
+			}
+		}
+	}
+	if n == 0 {
+		t.Fatal("no config block in the README")
+	}
+}
