@@ -247,6 +247,7 @@ func (c *check) allowWithoutIdentity(reason string) *decision {
 func stepToken(ctx context.Context, c *check) *decision {
 	vp := c.r.vpol
 	vp.Client = c.rq.client
+	vp.Syntax = isToken68
 	res, err := c.v.Verify(ctx, c.tok, vp)
 	if err == nil {
 		c.res = res

@@ -1,12 +1,15 @@
 package verify
 
 import (
+	"context"
 	"crypto/ed25519"
 	"encoding/base64"
 	"fmt"
 	"runtime"
 	"testing"
 	"time"
+
+	"github.com/tokenauthz/tokenauthz/verify/idptest"
 )
 
 // TestProofKeyCacheBounded (issue 20, class 8): proof keys are kept by
@@ -76,5 +79,35 @@ func TestBucketName(t *testing.T) {
 		if bucketName(tc.a) == bucketName(tc.b) {
 			t.Errorf("%s and %s share a bucket: %s", tc.a, tc.b, bucketName(tc.a))
 		}
+	}
+}
+
+// TestCachedTokenNotRescanned (issue 22): a token the verified-token cache
+// recognises costs one hash: its syntax is checked on the first
+// verification only, and a token that fails it is refused as malformed.
+func TestCachedTokenNotRescanned(t *testing.T) {
+	key := idptest.NewKey(t, "k", "ES256")
+	idp := idptest.New(t, key)
+	v, err := New([]IssuerConfig{{Name: "main", Issuer: idp.URL(), Audiences: []string{"api"}, JWKSURI: idp.JWKSURL(), Algorithms: []string{"ES256"}}}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	scans := 0
+	p := Policy{Issuers: []string{"main"}, Syntax: func(string) bool { scans++; return true }}
+	tok := idptest.Mint(t, key, idp.Claims("api"))
+	for range 5 {
+		if _, err := v.Verify(context.Background(), tok, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if scans != 1 {
+		t.Errorf("the syntax was checked %d times for one token verified 5 times", scans)
+	}
+	p.Syntax = func(string) bool { return false }
+	if _, err := v.Verify(context.Background(), tok+"x", p); AsError(err).Reason != "malformed" {
+		t.Errorf("a token failing the syntax: %v", err)
+	}
+	if _, err := v.Verify(context.Background(), "opaque token", p); AsError(err).Reason != "malformed" {
+		t.Errorf("an opaque token failing the syntax: %v", err)
 	}
 }
