@@ -288,6 +288,15 @@ func TestRouteReadings(t *testing.T) {
 	// HEAD is served by the GET handler: checked as the GET route.
 	denied(t, check(t, c, req{method: "HEAD", path: "/reports/1", headers: bearer(user)}), codes.PermissionDenied, typev3.StatusCode_Forbidden, "insufficient_scope")
 	allowed(t, check(t, c, req{method: "HEAD", path: "/reports/1", headers: bearer(admin)}))
+	// A pattern with a trailing slash: its own path is no ambiguity, the
+	// path without it is (a stripping framework serves the route for it).
+	slashCfg := *cfg
+	slashCfg.Routes = append([]authz.RouteConfig{{Name: "docs", Match: authz.Match{Path: "/docs/"}, Scopes: []string{"admin"}}}, cfg.Routes...)
+	sc := start(t, &slashCfg, nil)
+	allowed(t, check(t, sc, req{path: "/docs/", headers: bearer(admin)}))
+	denied(t, check(t, sc, req{path: "/docs/", headers: bearer(user)}), codes.PermissionDenied, typev3.StatusCode_Forbidden)
+	denied(t, check(t, sc, req{path: "/docs", headers: bearer(user)}), codes.InvalidArgument, typev3.StatusCode_BadRequest)
+	allowed(t, check(t, sc, req{path: "/orders/1", headers: bearer(user)}))
 	// The twins: unambiguous paths pass as before.
 	allowed(t, check(t, c, req{path: "/settings", headers: bearer(admin)}))
 	allowed(t, check(t, c, req{path: "/orders/1/", headers: bearer(user)}))

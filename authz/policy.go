@@ -26,6 +26,7 @@ type policy struct {
 	stripAuthz    bool
 	maxTokenBytes int
 	foldRoutes    bool // some route pattern has upper-case or non-ASCII letters
+	slashRoutes   bool // some exact path pattern ends in "/"
 	// claimHeaders are the names of every header any route sets, for
 	// removing CGI-style spellings (x_user_id) of them.
 	claimHeaders map[string]bool
@@ -175,6 +176,9 @@ func compile(c *Config) (p *policy, err error) {
 	for _, r := range p.allRoutes() {
 		if needsFold(r.path) || needsFold(r.prefix) {
 			p.foldRoutes = true
+		}
+		if len(r.path) > 1 && strings.HasSuffix(r.path, "/") {
+			p.slashRoutes = true
 		}
 	}
 	p.claimHeaders = map[string]bool{}
@@ -388,9 +392,12 @@ type ambiguity struct{ reason, desc string }
 func (p *policy) match(rq *request) (*route, *ambiguity) {
 	path := rq.path
 	extra := p.hostRoutes(rq.host)
-	r := p.firstMatch(rq, path, -1, extra)
-	strip := len(path) > 1 && path[len(path)-1] == '/'
-	if strip && p.firstMatch(rq, path[:len(path)-1], -1, extra) != r {
+	r := p.firstMatch(rq, path, -1, false, extra)
+	// The trailing-slash reading: the path and the exact patterns both
+	// without a trailing slash (a framework that strips it serves a
+	// "/admin/" route for /admin and an "/admin" route for /admin/).
+	strip := len(path) > 1 && path[len(path)-1] == '/' || p.slashRoutes
+	if strip && p.firstMatch(rq, stripSlash(path), -1, true, extra) != r {
 		return nil, &ambiguity{"ambiguous_path", "the path without its trailing slash selects a different policy"}
 	}
 	if !p.foldRoutes && !needsFold(path) {
@@ -399,31 +406,38 @@ func (p *policy) match(rq *request) (*route, *ambiguity) {
 	for k := range pathReadings {
 		rd := &pathReadings[k]
 		read := rd.fn(path)
-		if p.firstMatch(rq, read, k, extra) != r || strip && p.firstMatch(rq, strings.TrimSuffix(read, "/"), k, extra) != r {
+		if p.firstMatch(rq, read, k, false, extra) != r || strip && p.firstMatch(rq, stripSlash(read), k, true, extra) != r {
 			return nil, &ambiguity{rd.reason, "the path read with " + rd.what + " selects a different policy"}
 		}
 	}
 	return r, nil
 }
 
+func stripSlash(p string) string {
+	if len(p) > 1 {
+		return strings.TrimSuffix(p, "/")
+	}
+	return p
+}
+
 // firstMatch is the first route matching path as read by pathReadings[k]
-// (k < 0: as it is): the file's routes first, then extra (the routes of
-// the host's policy).
-func (p *policy) firstMatch(rq *request, path string, k int, extra []*route) *route {
+// (k < 0: as it is; stripped: exact patterns without a trailing slash):
+// the file's routes first, then extra (the routes of the host's policy).
+func (p *policy) firstMatch(rq *request, path string, k int, stripped bool, extra []*route) *route {
 	for _, r := range p.routes {
-		if r.matches(rq.host, path, rq.method, k) {
+		if r.matches(rq.host, path, rq.method, k, stripped) {
 			return r
 		}
 	}
 	for _, r := range extra {
-		if r.matches(rq.host, path, rq.method, k) {
+		if r.matches(rq.host, path, rq.method, k, stripped) {
 			return r
 		}
 	}
 	return nil
 }
 
-func (r *route) matches(host, path, method string, k int) bool {
+func (r *route) matches(host, path, method string, k int, stripped bool) bool {
 	if r.host != "" {
 		if wild, ok := strings.CutPrefix(r.host, "*"); ok {
 			if !strings.HasSuffix(host, wild) || len(host) == len(wild) {
@@ -436,6 +450,9 @@ func (r *route) matches(host, path, method string, k int) bool {
 	exact, prefix := r.path, r.prefix
 	if k >= 0 {
 		exact, prefix = r.readPats[k].path, r.readPats[k].prefix
+	}
+	if stripped {
+		exact = stripSlash(exact)
 	}
 	if exact != "" && path != exact {
 		return false
