@@ -44,6 +44,7 @@ var celVariables = []struct {
 	{"claims", cel.MapType(cel.StringType, cel.DynType)},
 	{"userinfo", cel.MapType(cel.StringType, cel.DynType)},
 	{"issuer", cel.StringType},
+	{"tenant", cel.StringType},
 	{"route", cel.StringType},
 	{"scopes", cel.ListType(cel.StringType)},
 }
@@ -223,7 +224,7 @@ type celVars struct {
 
 // celVariableNames index celVars.vals.
 var celVariableNames = [...]string{"request.method", "request.path", "request.host", "request.scheme", "request.query",
-	"request.headers", "request.source", "request.context", "claims", "userinfo", "issuer", "route", "scopes"}
+	"request.headers", "request.source", "request.context", "claims", "userinfo", "issuer", "tenant", "route", "scopes"}
 
 var celVarIndex = func() map[string]int {
 	m := map[string]int{}
@@ -287,6 +288,11 @@ func (a *celVars) resolve(name string) ref.Val {
 			return types.String("")
 		}
 		return types.String(a.res.Issuer.Name())
+	case "tenant":
+		if a.res == nil {
+			return types.String("")
+		}
+		return types.String(a.res.Issuer.Tenant())
 	case "route":
 		return types.String(a.route)
 	case "scopes":

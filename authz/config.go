@@ -114,7 +114,7 @@ type RouteConfig struct {
 	// Compared exactly: "true" is not true.
 	Claims map[string]any `yaml:"claims"`
 	// When are CEL conditions, all of which must be true (else 403). They
-	// see request, claims, userinfo, issuer, route and scopes.
+	// see request, claims, userinfo, issuer, tenant, route and scopes.
 	When []WhenRule `yaml:"when"`
 	// Headers merge over the top-level headers for this route; a null
 	// value turns one off here (its client copy is still removed).
@@ -211,6 +211,12 @@ func (c *Config) Validate() []string {
 				bad(key+".issuer", "issuer %q configured twice", is.Issuer)
 			}
 			isses[is.Issuer] = true
+		}
+		if t := is.IssuerTemplate; t != "" {
+			if isses["template "+t] {
+				bad(key+".issuer_template", "template %q configured twice", t)
+			}
+			isses["template "+t] = true
 		}
 	}
 
@@ -385,7 +391,10 @@ func validateRoutes(prefix string, routes []RouteConfig, names map[string]bool, 
 func (c *Config) Warnings() []string {
 	var w []string
 	for i, is := range c.Issuers {
-		if u, err := url.Parse(is.Issuer); !is.Discovery && (err != nil || u.Scheme == "" || u.Host == "") {
+		if is.Tenants != nil && is.Tenants.Any {
+			w = append(w, fmt.Sprintf("issuers[%d].tenants: any: true accepts a token of every tenant of the provider (anyone can make one); restrict routes with CEL's tenant, or list the tenants", i))
+		}
+		if u, err := url.Parse(is.Issuer); is.IssuerTemplate == "" && !is.Discovery && (err != nil || u.Scheme == "" || u.Host == "") {
 			w = append(w, fmt.Sprintf("issuers[%d].issuer: %q is not a URL; a token's iss must equal it exactly, and providers use their https URL", i, is.Issuer))
 		}
 	}

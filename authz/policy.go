@@ -218,6 +218,7 @@ func compileRoute(rc RouteConfig, name string, defaultIssuers []string, topHeade
 	if len(r.vpol.Issuers) == 0 {
 		r.vpol.Issuers = defaultIssuers
 	}
+	r.vpol.Index()
 	// The prefix "/" becomes "" and matches every path.
 	for k, rd := range pathReadings {
 		r.readPats[k].path, r.readPats[k].prefix = rd.fn(r.path), rd.fn(r.prefix)

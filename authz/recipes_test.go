@@ -79,8 +79,11 @@ func TestREADMERecipes(t *testing.T) {
 				header: [2]string{"x-user-email", "old@example.com"}},
 		},
 	}
-	for name := range blocks {
-		if cases[name] == nil {
+	for name, block := range blocks {
+		// A recipe with issuers of its own (tenant-per-issuer: an issuer
+		// template) runs through tokenauthz test in cmd/tokenauthz's
+		// TestRecipeSuites, and its class in tenants_test.go.
+		if cases[name] == nil && !strings.HasPrefix(block, "issuers:") {
 			t.Errorf("README recipe %q has no cases here", name)
 		}
 	}

@@ -100,6 +100,7 @@ func (c *check) event(d *decision) *DecisionEvent {
 	}
 	if res := c.res; res != nil {
 		ev.TokenKind, ev.Sub, ev.ClientID = res.Kind, res.Claims.Scalar("sub"), res.Claims.Scalar("client_id")
+		ev.Tenant = res.Issuer.Tenant()
 	}
 	for _, o := range c.when {
 		w := WhenOutcome{Expr: o.rule.expr.src, Result: o.ok && o.err == nil}

@@ -53,6 +53,7 @@ type DecisionEvent struct {
 	Request   EventRequest  `json:"request"`
 	Route     string        `json:"route,omitempty"`
 	Issuer    string        `json:"issuer,omitempty"`
+	Tenant    string        `json:"tenant,omitempty"`
 	TokenKind string        `json:"token_kind,omitempty"`
 	Sub       string        `json:"sub,omitempty"`
 	ClientID  string        `json:"client_id,omitempty"`

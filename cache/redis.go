@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -622,6 +623,27 @@ func (s *Shared) Claim(ctx context.Context, name string, ttl time.Duration) (fir
 		return e
 	})
 	return first, err
+}
+
+// Tick counts one event under name in the current second, fleet-wide,
+// and returns the count of this second so far: a rate limit shared by
+// every pod. An error means Redis could not be asked.
+func (s *Shared) Tick(ctx context.Context, name string, now time.Time) (int64, error) {
+	key := s.Key(name + ":" + strconv.FormatInt(now.Unix(), 10))
+	var n int64
+	err := s.do(ctx, func(ctx context.Context) error {
+		var incr *redis.IntCmd
+		_, e := s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			incr = p.Incr(ctx, key)
+			p.Expire(ctx, key, 2*time.Second)
+			return nil
+		})
+		if e == nil {
+			n = incr.Val()
+		}
+		return e
+	})
+	return n, err
 }
 
 // Secret returns the fleet's random secret called name (32 bytes), made by

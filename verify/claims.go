@@ -197,7 +197,13 @@ func FormatClaim(v any) (string, bool) {
 // Lookup finds a claim of the result: "userinfo.<path>" in the userinfo
 // endpoint's answer (absent when it was not fetched), anything else in the
 // token's claims (or the introspection answer).
+//
+// "tenant" reads the issuer template's {tenant} for a tenant's token (what
+// its verified iss says, not a claim of that name).
 func (r *Result) Lookup(path string) (any, bool) {
+	if path == "tenant" && r.Issuer != nil && r.Issuer.tenant != "" {
+		return r.Issuer.tenant, true
+	}
 	ns, rest, ok := namespaced(path)
 	if !ok {
 		return r.Claims.lookup(path)

@@ -18,8 +18,32 @@ type IssuerConfig struct {
 	// Name identifies the issuer in routes, logs and metrics.
 	Name string `yaml:"name"`
 	// Issuer must equal the token's iss claim exactly (no trailing-slash or
-	// case folding).
+	// case folding). Set this or IssuerTemplate.
 	Issuer string `yaml:"issuer"`
+	// IssuerTemplate makes this entry one issuer per tenant: an https URL
+	// with one {tenant} placeholder in its path or as one label of its host
+	// (https://login.microsoftonline.com/{tenant}/v2.0). A token's iss that
+	// fits it, with an accepted tenant, names the tenant's issuer; its keys
+	// are discovered on first use. {tenant} may also appear in jwks_uri and
+	// the introspection and userinfo endpoints.
+	IssuerTemplate string `yaml:"issuer_template"`
+	// Tenants says which values of {tenant} are accepted (with
+	// IssuerTemplate only).
+	Tenants *TenantsConfig `yaml:"tenants"`
+	// TenantPattern narrows the values {tenant} may take (a regular
+	// expression matched against the whole value). Whatever it says, a
+	// value has 1 to 64 of [A-Za-z0-9_-] (a host label: 1 to 63 of
+	// [a-z0-9-]), so it can never reach another path, host or port.
+	TenantPattern string `yaml:"tenant_pattern"`
+	// MaxTenantsCached bounds the tenants whose issuer (key set,
+	// discovery document) this pod keeps in memory; the least used go
+	// first, and Redis keeps them fleet-wide. Default 10000.
+	MaxTenantsCached int `yaml:"max_tenants_cached"`
+	// MaxDiscoveriesPerSecond bounds first-time key loads of new tenants
+	// from the provider, fleet-wide with Redis (per pod without), so a
+	// flood of tokens naming made-up tenants cannot become a flood at the
+	// provider. Default 10.
+	MaxDiscoveriesPerSecond int `yaml:"max_discoveries_per_second"`
 	// Audiences: the token's aud (string or array) must contain one of them.
 	// Required unless AllowAnyAudience is set.
 	Audiences []string `yaml:"audiences"`
@@ -72,6 +96,18 @@ type IssuerConfig struct {
 	// DPoP, when set, checks DPoP proofs (RFC 9449) for this issuer's
 	// DPoP-bound tokens (cnf.jkt).
 	DPoP *DPoPConfig `yaml:"dpop"`
+}
+
+// TenantsConfig lists the accepted values of an issuer template's
+// {tenant}: exactly one of Allow, File or Any.
+type TenantsConfig struct {
+	Allow []string `yaml:"allow"`
+	// File holds one tenant a line (# comments and blank lines are
+	// skipped), read again when it changes.
+	File string `yaml:"file"`
+	// Any accepts every value the tenant pattern allows: any tenant of the
+	// provider can then call the routes (restrict them with CEL's tenant).
+	Any bool `yaml:"any"`
 }
 
 // IntrospectionConfig is an RFC 7662 token introspection endpoint and the
@@ -218,8 +254,28 @@ func (c *IssuerConfig) Validate() []string {
 	if c.Name == "" {
 		bad("name", "required")
 	}
-	if c.Issuer == "" {
-		bad("issuer", "required")
+	switch {
+	case c.Issuer == "" && c.IssuerTemplate == "":
+		bad("issuer", "required (or issuer_template)")
+	case c.Issuer != "" && c.IssuerTemplate != "":
+		bad("issuer", "set issuer or issuer_template, not both")
+	case c.IssuerTemplate != "":
+		p = append(p, c.validateTemplate()...)
+	default:
+		for key, v := range map[string]string{"jwks_uri": c.JWKSURI, "introspection.endpoint": configuredIntrospectionEndpoint(c.Introspection), "userinfo.endpoint": configuredUserinfoEndpoint(c.Userinfo)} {
+			if strings.Contains(v, tenantPlaceholder) {
+				bad(key, "%s is only for an issuer_template's issuers", tenantPlaceholder)
+			}
+		}
+		for _, k := range []struct {
+			key string
+			set bool
+		}{{"tenants", c.Tenants != nil}, {"tenant_pattern", c.TenantPattern != ""},
+			{"max_tenants_cached", c.MaxTenantsCached != 0}, {"max_discoveries_per_second", c.MaxDiscoveriesPerSecond != 0}} {
+			if k.set {
+				bad(k.key, "only used with issuer_template")
+			}
+		}
 	}
 	if len(c.Audiences) == 0 && !c.AllowAnyAudience {
 		bad("audiences", "required (or set allow_any_audience: true, which accepts tokens minted for any service)")
@@ -251,7 +307,7 @@ func (c *IssuerConfig) Validate() []string {
 	}
 	keys := c.Keys.withDefaults()
 	if c.JWKSURI != "" {
-		if err := checkFetchURL(c.JWKSURI, keys.AllowHTTP); err != nil {
+		if err := checkFetchURL(strings.ReplaceAll(c.JWKSURI, tenantPlaceholder, "tenant"), keys.AllowHTTP); err != nil {
 			bad("jwks_uri", "%v", err)
 		}
 	}
@@ -374,7 +430,7 @@ func validateEndpoint(key, endpoint string, allowHTTP, discovery bool, timeout t
 	var p []string
 	switch {
 	case endpoint != "":
-		if err := checkFetchURL(endpoint, allowHTTP); err != nil {
+		if err := checkFetchURL(strings.ReplaceAll(endpoint, tenantPlaceholder, "tenant"), allowHTTP); err != nil {
 			p = append(p, fmt.Sprintf("%s.endpoint: %v", key, err))
 		}
 	case !discovery:
@@ -437,6 +493,17 @@ func (c IssuerConfig) WithDefaults() IssuerConfig {
 	l := c.leeway()
 	c.Leeway = &l
 	c.Keys = c.Keys.withDefaults()
+	if c.IssuerTemplate != "" {
+		if c.MaxTenantsCached == 0 {
+			c.MaxTenantsCached = defaultMaxTenantsCached
+		}
+		if c.MaxDiscoveriesPerSecond == 0 {
+			c.MaxDiscoveriesPerSecond = defaultMaxDiscoveriesPerSecond
+		}
+		if c.TenantPattern == "" {
+			c.TenantPattern = "[A-Za-z0-9_-]{1,64}"
+		}
+	}
 	durOrDefault := func(d *time.Duration, def time.Duration) *time.Duration {
 		v := durOr(d, def)
 		return &v
@@ -483,4 +550,18 @@ func (c IssuerConfig) WithDefaults() IssuerConfig {
 		c.DPoP = &cp
 	}
 	return c
+}
+
+func configuredIntrospectionEndpoint(in *IntrospectionConfig) string {
+	if in == nil {
+		return ""
+	}
+	return in.Endpoint
+}
+
+func configuredUserinfoEndpoint(ui *UserinfoConfig) string {
+	if ui == nil {
+		return ""
+	}
+	return ui.Endpoint
 }

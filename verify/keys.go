@@ -1,6 +1,7 @@
 package verify
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
@@ -129,7 +130,7 @@ func parseKeySet(b []byte, maxKeys int) (*keySet, error) {
 	if set.Len() > maxKeys {
 		return nil, fmt.Errorf("key set has %d keys, more than the limit of %d", set.Len(), maxKeys)
 	}
-	ks := &keySet{doc: b}
+	ks := &keySet{doc: bytes.Clone(b)} // not the read buffer's spare capacity, held for as long as the set
 	for i := 0; i < set.Len(); i++ {
 		k, _ := set.Key(i)
 		vk, ok := toVerifyKey(k)

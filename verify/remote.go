@@ -91,9 +91,23 @@ type remoteKeys struct {
 	fetches atomic.Int64
 	// running counts refresh loops (0 or 1), for tests of Retire.
 	running atomic.Int32
+	// lazy: no refresh loop; a set past its refresh time is refreshed in
+	// the background by the request that finds it so (set before use).
+	lazy       bool
+	refreshing atomic.Bool
+	// gate, if set, must allow a first load from the provider (a new
+	// tenant's discovery); refreshes are not gated.
+	gate func(context.Context) error
 	// gen numbers key set contents (keySet.gen), so verified tokens can
 	// tell they were verified under keys since replaced.
 	gen atomic.Uint64
+	// published is the owning issuer's copy of the current generation
+	// (Issuer.keyGen), kept with the set under installMu: a warm check
+	// reads it from the issuer it already holds, without a trip through
+	// this struct and the set (a cache miss each with thousands of
+	// issuers).
+	published *atomic.Uint64
+	installMu sync.Mutex
 
 	mu            sync.Mutex
 	doc           *discoveryDoc // from discovery; nil until read, and after the jwks_uri failed
@@ -119,6 +133,9 @@ func (r *remoteKeys) usable(ks *keySet) bool {
 
 func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
 	if ks := r.cur.Load(); r.usable(ks) {
+		if r.lazy && !r.now().Before(ks.refreshAt) {
+			r.refreshInBackground(ctx)
+		}
 		return ks, nil
 	}
 	// Nothing usable. After a failure, answer at once until the back-off
@@ -166,6 +183,22 @@ func (r *remoteKeys) refetch(ctx context.Context, seen *keySet) (*keySet, error)
 		a := res.Val.(answer)
 		return a.ks, a.err
 	}
+}
+
+// refreshInBackground starts one refresh of a lazy set that is due, unless
+// one runs or the back-off after a failure forbids it; the caller goes on
+// with the set it has.
+func (r *remoteKeys) refreshInBackground(ctx context.Context) {
+	r.mu.Lock()
+	backingOff := r.lastFailErr != nil && r.now().Before(r.retryAt)
+	r.mu.Unlock()
+	if backingOff || !r.refreshing.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer r.refreshing.Store(false)
+		_, _ = r.fetchShared(context.WithoutCancel(ctx), nil)
+	}()
 }
 
 // fetchShared runs one fetch for all concurrent callers and installs the
@@ -256,6 +289,14 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 		if lease != nil {
 			defer lease.Release()
 		}
+		if r.gate != nil && r.cur.Load() == nil {
+			if err := r.gate(ctx); err != nil {
+				// Not the provider's failure: nothing is published.
+				r.noteFetch(err)
+				end(span, err)
+				return nil, err
+			}
+		}
 		span.SetAttributes(attribute.String("tokenauthz.source", string(cache.FromOrigin)))
 		hctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 		defer cancel()
@@ -263,6 +304,8 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 		r.tel.obs.KeySetFetched(r.issuerName, err)
 		r.noteFetch(err)
 		if err != nil {
+			// For a tenant's issuer, the logger names the tenant (metrics
+			// do not: one label value per tenant is too many).
 			r.log.Warn("key set fetch failed", "issuer", r.issuer, "error", err)
 			if lease != nil {
 				r.shared.MarkUnavailable(ctx, r.sharedName, err.Error(), cache.UnavailableTTL)
@@ -278,6 +321,7 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 }
 
 func (r *remoteKeys) install(ks *keySet) {
+	r.installMu.Lock()
 	// Tokens verified under other keys must be verified again (a key may
 	// have been withdrawn); the same document keeps its generation.
 	if prev := r.cur.Load(); prev != nil && bytes.Equal(prev.doc, ks.doc) {
@@ -286,6 +330,10 @@ func (r *remoteKeys) install(ks *keySet) {
 		ks.gen = r.gen.Add(1)
 	}
 	prev := r.cur.Swap(ks)
+	if r.published != nil {
+		r.published.Store(ks.gen)
+	}
+	r.installMu.Unlock()
 	if prev == nil || !sameKids(prev, ks) {
 		r.log.Info("key set loaded", "issuer", r.issuer, "keys", len(ks.keys), "skipped", ks.skipped,
 			"refresh_in", ks.refreshAt.Sub(r.now()).Round(time.Second).String())

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -66,21 +67,35 @@ type Verifier struct {
 	// byIss are the issuers by iss value: several when policy sources
 	// configure one provider more than once (two teams' audiences); a
 	// route's accepted issuers choose among them.
-	byIss    map[string][]*Issuer
-	byName   map[string]*Issuer
-	now      func() time.Time
-	answers  *answers
-	verified *cache.Cache[*verified] // nil when disabled
-	dpop     *dpopMemory             // DPoP state that outlives reloads
-	shared   *cache.Shared
-	tel      *telemetry
-	opts     Options
-	stop     context.CancelFunc // ends the key-set subscription (set by Start)
+	byIss  map[string][]*Issuer
+	byName map[string]*Issuer
+	// templates are the issuer templates, in config order: an iss that no
+	// issuer names exactly is matched against them.
+	templates []*tenantFamily
+	// lazy are the issuers with remote keys beyond the first eagerIssuers:
+	// loaded in the background and on first use, refreshed on use.
+	lazy []*remoteKeys
+	// bySharedName finds an issuer's keys by their Redis name, for nudges.
+	bySharedName map[string][]*remoteKeys
+	// introspecting are the issuers with an introspection endpoint, in
+	// config order: the ones an opaque token may be shown to.
+	introspecting []*Issuer
+	now           func() time.Time
+	answers       *answers
+	verified      *cache.Cache[*verified] // nil when disabled
+	dpop          *dpopMemory             // DPoP state that outlives reloads
+	shared        *cache.Shared
+	tel           *telemetry
+	opts          Options
+	stop          context.CancelFunc // ends the key-set subscription (set by Start)
 }
 
 // Issuer is one configured issuer with its key source.
 type Issuer struct {
-	cfg     IssuerConfig
+	// cfg is shared by a template's tenants (it is never modified);
+	// iss is this issuer's own identifier.
+	cfg     *IssuerConfig
+	iss     string
 	name    string
 	leeway  time.Duration
 	algs    map[string]algSpec
@@ -96,7 +111,19 @@ type Issuer struct {
 	// id names what the issuer is (its config and the files it reads), so a
 	// reload keeps an unchanged issuer and cached answers never outlive a
 	// change.
-	id      string
+	id string
+	// tenants is set on an issuer template: its tenants' issuers.
+	tenants *tenantFamily
+	// For a tenant's issuer: the tenant, its template's family, and
+	// whether the family dropped it for room (then tokens verified under
+	// it are verified again, under the tenant's issuer made anew).
+	tenant     string
+	family     *tenantFamily
+	evicted    atomic.Bool
+	tmplClient *http.Client // a template's key-fetch client, for its tenants
+	// keyGen is the generation of the remote key set held (see
+	// remoteKeys.published); 0 for other key sources.
+	keyGen  atomic.Uint64
 	startMu sync.Mutex
 	stop    context.CancelFunc // ends the refresh loop; nil until started
 }
@@ -106,7 +133,11 @@ func (i *Issuer) Name() string { return i.name }
 
 // ID is the issuer identifier (the iss value): what names the issuer across
 // a fleet whose pods may call it by different names.
-func (i *Issuer) ID() string { return i.cfg.Issuer }
+func (i *Issuer) ID() string { return i.iss }
+
+// Tenant is the value of the issuer template's {tenant} for a tenant's
+// issuer; "" for other issuers.
+func (i *Issuer) Tenant() string { return i.tenant }
 
 // New builds a Verifier. Configs must be valid (see IssuerConfig.Validate);
 // New reports the first problem otherwise.
@@ -173,7 +204,8 @@ func followBound(cfgs []IssuerConfig) time.Duration {
 func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem *dpopMemory, prev *Verifier) (*Verifier, error) {
 	answers.FollowFor(followBound(cfgs))
 	v := &Verifier{tel: tel, byIss: map[string][]*Issuer{}, byName: map[string]*Issuer{}, now: o.Now,
-		answers: answers, shared: o.Shared, opts: o, dpop: mem}
+		answers: answers, shared: o.Shared, opts: o, dpop: mem, bySharedName: map[string][]*remoteKeys{}}
+	remote := 0
 	for idx := range cfgs {
 		c := cfgs[idx]
 		if p := c.Validate(); len(p) > 0 {
@@ -184,6 +216,9 @@ func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem
 		}
 		id := identity(c)
 		is := (*Issuer)(nil)
+		if c.IssuerTemplate == "" && (c.JWKSURI != "" || c.Discovery) {
+			remote++
+		}
 		if prev != nil && prev.byName[c.Name] != nil && prev.byName[c.Name].id == id {
 			is = prev.byName[c.Name]
 		} else {
@@ -192,12 +227,43 @@ func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem
 				return nil, fmt.Errorf("verify: issuer %q: %w", c.Name, err)
 			}
 			is.id = id
+			if rk, ok := is.src.(*remoteKeys); ok && remote > eagerIssuers {
+				rk.lazy = true // set before the issuer is shared
+			}
+			if c.IssuerTemplate != "" {
+				if is.tenants, err = newTenantFamily(is, o, mem); err != nil {
+					return nil, fmt.Errorf("verify: issuer %q: %w", c.Name, err)
+				}
+			}
+		}
+		v.byName[c.Name] = is
+		if is.introspection != nil && is.tenants == nil {
+			v.introspecting = append(v.introspecting, is)
+		}
+		if is.tenants != nil {
+			v.templates = append(v.templates, is.tenants)
+			continue
 		}
 		v.byIss[c.Issuer] = append(v.byIss[c.Issuer], is)
-		v.byName[c.Name] = is
+		if rk, ok := is.src.(*remoteKeys); ok {
+			v.bySharedName[rk.sharedName] = append(v.bySharedName[rk.sharedName], rk)
+			if rk.lazy {
+				v.lazy = append(v.lazy, rk)
+			}
+		}
 	}
 	return v, nil
 }
+
+// eagerIssuers is how many issuers with remote keys (the first, in config
+// order) load at start, refresh in the background and hold readiness until
+// their keys are in. The others load in the background, warmIssuers at a
+// time, or on first use, and refresh when used: ten thousand issuers need
+// neither ten thousand fetches at start nor ten thousand timers.
+const (
+	eagerIssuers = 64
+	warmIssuers  = 8
+)
 
 // identity hashes an issuer's config and the contents of the files and
 // variables it reads (key set, secrets), so that a rotated secret file
@@ -228,14 +294,15 @@ func identity(c IssuerConfig) string {
 }
 
 func newIssuer(c IssuerConfig, o Options, tel *telemetry, mem *dpopMemory) (*Issuer, error) {
-	is := &Issuer{tel: tel, cfg: c, name: c.Name, leeway: c.leeway(), algs: map[string]algSpec{}, auds: map[string]struct{}{}}
+	is := &Issuer{tel: tel, cfg: &c, iss: c.Issuer, name: c.Name, leeway: c.leeway(), algs: map[string]algSpec{}, auds: map[string]struct{}{}}
+	template := c.IssuerTemplate != ""
 	for _, a := range c.Algorithms {
 		is.algs[a] = algorithms[a]
 	}
 	for _, a := range c.Audiences {
 		is.auds[a] = struct{}{}
 	}
-	if c.DPoP != nil {
+	if c.DPoP != nil && !template {
 		now := o.Now
 		if now == nil {
 			now = time.Now
@@ -249,12 +316,15 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry, mem *dpopMemory) (*Iss
 		is.hmacKey = &verifyKey{kty: ktyOct, raw: secret}
 	}
 	switch {
+	case template && (c.JWKSURI != "" || c.Discovery):
+		// Each tenant gets its own remote key source (tenants.go).
+		is.tmplClient = newHTTPClient(o.HTTPClient, keys.Timeout)
 	case c.JWKSURI != "" || c.Discovery:
 		is.src = &remoteKeys{
 			issuer: c.Issuer, jwksURI: c.JWKSURI, discovery: c.Discovery, otherHosts: c.DiscoveryAllowedHosts, cfg: keys,
 			client: newHTTPClient(o.HTTPClient, keys.Timeout),
 			log:    o.Logger.With("issuer_name", c.Name), now: o.Now,
-			shared: o.Shared, sharedName: sharedKeySetName(c), tel: tel, issuerName: c.Name,
+			shared: o.Shared, sharedName: sharedKeySetName(c), tel: tel, issuerName: c.Name, published: &is.keyGen,
 		}
 	case c.JWKSFile != "" || c.JWKS != "":
 		b := []byte(c.JWKS)
@@ -305,7 +375,13 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry, mem *dpopMemory) (*Iss
 // are left alone.
 func (v *Verifier) Start(ctx context.Context) {
 	for _, is := range v.byName {
+		if rk, ok := is.src.(*remoteKeys); ok && rk.lazy {
+			continue
+		}
 		is.start(ctx)
+	}
+	if len(v.lazy) > 0 {
+		go v.warm(ctx)
 	}
 	if v.shared != nil {
 		sctx, stop := context.WithCancel(ctx)
@@ -332,31 +408,61 @@ func (v *Verifier) Retire(next *Verifier) {
 }
 
 func (is *Issuer) start(ctx context.Context) {
-	if is.src == nil {
+	if is.src == nil && is.tenants == nil {
 		return
 	}
 	is.startMu.Lock()
 	defer is.startMu.Unlock()
 	if is.stop == nil {
 		ctx, is.stop = context.WithCancel(ctx)
-		go is.src.run(ctx)
-	}
-}
-
-// keySetNudged takes the set another pod just published, if it is ours.
-func (v *Verifier) keySetNudged(name string) {
-	for _, is := range v.byName {
-		if rk, ok := is.src.(*remoteKeys); ok && rk.sharedName == name {
-			rk.adoptShared(context.Background())
+		if is.tenants != nil {
+			go is.tenants.watch(ctx)
+		} else {
+			go is.src.run(ctx)
 		}
 	}
 }
 
-// resyncKeySets catches up on nudges missed while unsubscribed.
+// warm loads the lazy issuers' keys in the background, a few at a time, so
+// that their first tokens seldom wait; an issuer a token needed first is
+// skipped.
+func (v *Verifier) warm(ctx context.Context) {
+	sem := make(chan struct{}, warmIssuers)
+	var wg sync.WaitGroup
+	for _, rk := range v.lazy {
+		select {
+		case <-ctx.Done():
+			wg.Wait()
+			return
+		case sem <- struct{}{}:
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if !rk.loaded() {
+				_, _ = rk.keys(ctx)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// keySetNudged takes the set another pod just published, if it is ours.
+// (A tenant's issuer looks in Redis when its set is due or lacks a kid.)
+func (v *Verifier) keySetNudged(name string) {
+	for _, rk := range v.bySharedName[name] {
+		rk.adoptShared(context.Background())
+	}
+}
+
+// resyncKeySets catches up on nudges missed while unsubscribed; lazy
+// issuers catch up when used.
 func (v *Verifier) resyncKeySets() {
-	for _, is := range v.byName {
-		if rk, ok := is.src.(*remoteKeys); ok {
-			rk.adoptShared(context.Background())
+	for _, rks := range v.bySharedName {
+		for _, rk := range rks {
+			if !rk.lazy {
+				rk.adoptShared(context.Background())
+			}
 		}
 	}
 }
@@ -374,9 +480,13 @@ func sharedKeySetName(c IssuerConfig) string {
 	return hex.EncodeToString(sum[:16])
 }
 
-// Ready reports whether every issuer's keys have been loaded at least once.
+// Ready reports whether the keys of every issuer that loads at start (not
+// the lazy ones, nor tenants) have been loaded at least once.
 func (v *Verifier) Ready() bool {
 	for _, is := range v.byName {
+		if rk, ok := is.src.(*remoteKeys); ok && rk.lazy {
+			continue
+		}
 		if is.src != nil && !is.src.loaded() {
 			return false
 		}
@@ -457,6 +567,28 @@ type Policy struct {
 	// the verified-token cache recognises: those bytes passed it before, so
 	// a warm check costs one hash, not a scan of the token.
 	Syntax func(string) bool
+
+	// index is Issuers as a set (see Index).
+	index map[string]struct{}
+}
+
+// Index prepares a policy that is used for many requests: with a long
+// issuers list (thousands of issuers), accepting one costs a map lookup.
+func (p *Policy) Index() {
+	if len(p.Issuers) > 8 {
+		p.index = make(map[string]struct{}, len(p.Issuers))
+		for _, n := range p.Issuers {
+			p.index[n] = struct{}{}
+		}
+	}
+}
+
+func (p *Policy) accepts(name string) bool {
+	if p.index != nil {
+		_, ok := p.index[name]
+		return ok
+	}
+	return slices.Contains(p.Issuers, name)
 }
 
 func badSyntax() *Error {
@@ -475,7 +607,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 		tk  tokenKey
 	)
 	if LooksLikeJWT(raw) {
-		if res, err = v.verifyJWT(ctx, raw, p.Issuers, p.Syntax); err != nil {
+		if res, err = v.verifyJWT(ctx, raw, &p); err != nil {
 			return nil, err
 		}
 		if p.Introspect == IntrospectAlways {
@@ -501,7 +633,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 			return nil, invalid("malformed", "token is not a JWT")
 		}
 		tk = hashToken(raw)
-		if res, err = v.introspectOpaque(ctx, raw, tk, p.Issuers, p.Client); err != nil {
+		if res, err = v.introspectOpaque(ctx, raw, tk, &p); err != nil {
 			return nil, err
 		}
 	}
@@ -516,16 +648,17 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 	return res, nil
 }
 
-func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string, syntax func(string) bool) (*Result, error) {
+func (v *Verifier) verifyJWT(ctx context.Context, raw string, p *Policy) (*Result, error) {
 	var key string
 	if v.verified != nil {
 		sum := sha256.Sum256([]byte(raw))
 		key = string(sum[:])
-		if e, ok := v.verified.Peek(key); ok && v.byName[e.is.name] == e.is && e.keyGen == e.is.keyGeneration() {
-			if !slices.Contains(allowed, e.is.name) {
+		if e, ok := v.verified.Peek(key); ok && v.current(e.is) && e.keyGen == e.is.keyGeneration() {
+			if !p.accepts(e.is.name) {
 				// Verified for another issuer of the same iss (another
-				// team's audiences): verify it for this route's.
-				if len(v.byIss[e.is.cfg.Issuer]) > 1 {
+				// team's audiences, or another template): verify it for
+				// this route's.
+				if len(v.byIss[e.is.iss]) > 1 || e.is.family != nil && len(v.templates) > 1 {
 					goto parse
 				}
 				return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), e.is.name)
@@ -535,7 +668,7 @@ func (v *Verifier) verifyJWT(ctx context.Context, raw string, allowed []string, 
 		}
 	}
 parse:
-	if syntax != nil && !syntax(raw) {
+	if p.Syntax != nil && !p.Syntax(raw) {
 		return nil, badSyntax()
 	}
 	t, err := parseJWT(raw)
@@ -547,18 +680,23 @@ parse:
 		return nil, invalid("unknown_issuer", "token has no iss")
 	}
 	candidates := v.byIss[iss]
-	if len(candidates) == 0 {
-		return nil, invalid("unknown_issuer", "token issuer is not trusted")
-	}
 	var is *Issuer
 	for _, c := range candidates {
-		if slices.Contains(allowed, c.name) {
+		if p.accepts(c.name) {
 			is = c
 			break
 		}
 	}
 	if is == nil {
-		return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), candidates[0].name)
+		if len(candidates) > 0 {
+			return nil, tagIssuer(invalid("issuer_not_allowed", "token issuer is not accepted for this route"), candidates[0].name)
+		}
+		if len(v.templates) == 0 {
+			return nil, invalid("unknown_issuer", "token issuer is not trusted")
+		}
+		if is, err = v.matchTemplates(iss, p); err != nil {
+			return nil, err
+		}
 	}
 	src, gen, err := is.verifySignature(ctx, t)
 	if err != nil {
@@ -569,6 +707,9 @@ parse:
 	if err != nil {
 		return nil, tagIssuer(err, is.name)
 	}
+	if is.family != nil {
+		is.family.loadedOnce(is)
+	}
 	if v.verified != nil {
 		v.tel.obs.Served("tokens", cache.FromOrigin)
 		ttl := v.opts.VerifiedTokens.MaxTTL
@@ -578,6 +719,16 @@ parse:
 		v.verified.Set(key, &verified{is: is, claims: t.claims, exp: exp, keyGen: gen, size: len(raw) * 2}, ttl)
 	}
 	return &Result{Issuer: is, Claims: t.claims, Expiry: exp, Kind: KindJWT, KeySource: src}, nil
+}
+
+// current says whether is is still this Verifier's: its issuer, or a
+// tenant's issuer of its template that is still held and whose tenant is
+// still accepted (the tenants file may have dropped it).
+func (v *Verifier) current(is *Issuer) bool {
+	if f := is.family; f != nil {
+		return v.byName[is.name] == f.root && !is.evicted.Load() && f.admits(is.tenant)
+	}
+	return v.byName[is.name] == is
 }
 
 // verified is a token that passed local verification under an issuer's
@@ -591,24 +742,19 @@ type verified struct {
 	size   int
 }
 
-func (is *Issuer) keyGeneration() uint64 {
-	if is.src == nil {
-		return 0
-	}
-	return is.src.generation()
-}
+func (is *Issuer) keyGeneration() uint64 { return is.keyGen.Load() }
 
 // introspectOpaque asks the accepted issuers that have an introspection
 // endpoint, in configuration order, until one says active. An opaque token
 // names no issuer, so with several such issuers it is shown to each in turn:
 // restrict a route's issuers to keep a token with its own provider.
-func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey, allowed []string, client string) (*Result, error) {
+func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey, p *Policy) (*Result, error) {
 	var failed *Error
 	asked := false
 	var askedNames []string
-	for _, name := range allowed {
-		is := v.byName[name]
-		if is == nil || is.introspection == nil {
+	client := p.Client
+	for _, is := range v.introspecting {
+		if !p.accepts(is.name) {
 			continue
 		}
 		asked = true
@@ -625,7 +771,7 @@ func (v *Verifier) introspectOpaque(ctx context.Context, raw string, tk tokenKey
 		if !a.ok {
 			continue
 		}
-		if iss, present := a.claims["iss"]; present && iss != is.cfg.Issuer {
+		if iss, present := a.claims["iss"]; present && iss != is.iss {
 			return nil, tagIssuer(invalid("unknown_issuer", "introspected token issuer does not match"), is.name)
 		}
 		exp, err := is.checkClaims(a.claims, v.now(), true)
@@ -845,6 +991,16 @@ func (v *Verifier) Probe(ctx context.Context) []ProbeResult {
 	slices.Sort(names)
 	for _, n := range names {
 		is := v.byName[n]
+		if f := is.tenants; f != nil {
+			// A template is reached through a tenant: the first listed.
+			set := f.allowed.Load()
+			if set == nil || len(f.root.cfg.Tenants.Allow) == 0 {
+				out = append(out, ProbeResult{Issuer: n, What: "issuer template (tenants are reached on first use; list one under tenants.allow to probe it)"})
+				continue
+			}
+			is = f.instantiate(f.root.cfg.Tenants.Allow[0])
+			n += " (tenant " + is.tenant + ")"
+		}
 		if r, ok := is.src.(*remoteKeys); ok {
 			ks, err := r.fetch(ctx)
 			what := "key set"

@@ -191,12 +191,33 @@ type ClusterTokenIssuerList struct {
 // files: what a namespace may configure.
 //
 // +kubebuilder:validation:XValidation:rule="has(self.jwks_uri) || (has(self.discovery) && self.discovery) || has(self.jwks)",message="one key source: jwks_uri, discovery or jwks"
+// +kubebuilder:validation:XValidation:rule="has(self.issuer) != has(self.issuer_template)",message="set issuer or issuer_template"
 type PublicIssuerSpec struct {
 	// Issuer is the exact iss value.
+	// +optional
 	// +kubebuilder:validation:MinLength=1
 	// +kubebuilder:validation:MaxLength=2048
 	// +kubebuilder:validation:Pattern=`^https://`
-	Issuer string `json:"issuer"`
+	Issuer string `json:"issuer,omitempty"`
+	// IssuerTemplate is one issuer per tenant: an https URL with one
+	// {tenant} placeholder in its path or as a host label.
+	// +optional
+	// +kubebuilder:validation:MaxLength=2048
+	// +kubebuilder:validation:Pattern=`^https://`
+	IssuerTemplate string `json:"issuer_template,omitempty"`
+	// Tenants are the accepted values of {tenant} (a resource lists them,
+	// or accepts any; a file is for the file config only).
+	// +optional
+	Tenants *Tenants `json:"tenants,omitempty"`
+	// +optional
+	// +kubebuilder:validation:MaxLength=256
+	TenantPattern string `json:"tenant_pattern,omitempty"`
+	// +optional
+	// +kubebuilder:validation:Minimum=1
+	MaxTenantsCached int `json:"max_tenants_cached,omitempty"`
+	// +optional
+	// +kubebuilder:validation:Minimum=1
+	MaxDiscoveriesPerSecond int `json:"max_discoveries_per_second,omitempty"`
 	// +optional
 	Audiences []string `json:"audiences,omitempty"`
 	// +optional
@@ -225,6 +246,17 @@ type PublicIssuerSpec struct {
 	Keys *Keys `json:"keys,omitempty"`
 	// +optional
 	DPoP *DPoP `json:"dpop,omitempty"`
+}
+
+// Tenants lists an issuer template's accepted tenants: allow, or any.
+//
+// +kubebuilder:validation:XValidation:rule="has(self.allow) != (has(self.any) && self.any)",message="set allow or any: true"
+type Tenants struct {
+	// +optional
+	// +kubebuilder:validation:MaxItems=10000
+	Allow []string `json:"allow,omitempty"`
+	// +optional
+	Any bool `json:"any,omitempty"`
 }
 
 // IssuerSpec is the file config's whole issuer schema (the name is the

@@ -125,3 +125,35 @@ func TestCovers(t *testing.T) {
 		}
 	}
 }
+
+// TestTemplateIssuerResources: a team's TokenIssuer can be an issuer
+// template (tenants listed or any), and its policies read tenant.
+func TestTemplateIssuerResources(t *testing.T) {
+	file := &authz.Config{Issuers: []verify.IssuerConfig{{Name: "platform", Issuer: "https://platform.example", Audiences: []string{"api"},
+		JWKS: testJWKS, Algorithms: []string{"ES256"}}}, RoutesFromResources: true}
+	kc := &Config{Enabled: true}
+	ti := &v1alpha1.TokenIssuer{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "realms", UID: "ti"},
+		Spec: v1alpha1.PublicIssuerSpec{IssuerTemplate: "https://sso.example.com/realms/{tenant}", Discovery: true,
+			Tenants: &v1alpha1.Tenants{Allow: []string{"acme"}}, Audiences: []string{"a"}, Algorithms: []string{"ES256"}}}
+	bad := ti.DeepCopy()
+	bad.Name, bad.UID = "bad", "bad"
+	bad.Spec.IssuerTemplate = "https://{tenant}/realms"
+	use := policy("team-a", "use", 41, 1, []string{"u.team-a.svc"}, "request.path.startsWith('/' + tenant + '/')")
+	use.Spec.Issuers = []string{"realms"}
+	snap := NewBuilder().Build(file, kc, Objects{Policies: []*v1alpha1.TokenPolicy{use}, Issuers: []*v1alpha1.TokenIssuer{ti, bad}})
+	if st := status(snap, "team-a", "use"); !st.Accepted {
+		t.Errorf("a policy on a template issuer: %+v", st)
+	}
+	found := false
+	for _, st := range snap.Status {
+		if st.Name == "bad" {
+			found = true
+			if st.Accepted || !strings.Contains(st.Message, "issuer_template") {
+				t.Errorf("a template whose placeholder is the whole host: %+v", st)
+			}
+		}
+	}
+	if !found {
+		t.Error("no status for the bad issuer")
+	}
+}

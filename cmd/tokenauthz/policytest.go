@@ -50,7 +50,10 @@ type testSuite struct {
 }
 
 type testToken struct {
-	Issuer string         `yaml:"issuer"`
+	Issuer string `yaml:"issuer"`
+	// Tenant fills an issuer template's {tenant} in the token's iss
+	// (default: the first of tenants.allow).
+	Tenant string         `yaml:"tenant"`
 	Claims map[string]any `yaml:"claims"`
 	// ExpiresIn is the lifetime from now (negative: expired). Default 1h.
 	ExpiresIn *time.Duration `yaml:"expires_in"`
@@ -326,7 +329,20 @@ func newTestEnv(suite *testSuite, cfg *fileConfig) (*testEnv, error) {
 		if tt.ExpiresIn != nil {
 			ttl = *tt.ExpiresIn
 		}
-		defaults := map[string]any{"iss": is.Issuer, "iat": now.Unix() - 1, "exp": now.Add(ttl).Unix()}
+		iss := is.Issuer
+		if is.IssuerTemplate != "" {
+			tenant := tt.Tenant
+			if tenant == "" && is.Tenants != nil && len(is.Tenants.Allow) > 0 {
+				tenant = is.Tenants.Allow[0]
+			}
+			if tenant == "" {
+				return nil, fmt.Errorf("tokens.%s.tenant: required for issuer %s (an issuer template)", n, is.Name)
+			}
+			iss = strings.Replace(is.IssuerTemplate, "{tenant}", tenant, 1)
+		} else if tt.Tenant != "" {
+			return nil, fmt.Errorf("tokens.%s.tenant: issuer %s is not an issuer template", n, is.Name)
+		}
+		defaults := map[string]any{"iss": iss, "iat": now.Unix() - 1, "exp": now.Add(ttl).Unix()}
 		if len(is.Audiences) > 0 {
 			defaults["aud"] = is.Audiences[0]
 		}
