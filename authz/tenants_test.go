@@ -364,3 +364,39 @@ func TestManyStaticIssuers(t *testing.T) {
 		t.Errorf("a reload of the same config made %d provider requests", got)
 	}
 }
+
+// TestTenantsAllowListReload: a reload that changes tenants.allow takes
+// effect at once and keeps the tenants' keys (nothing is fetched again).
+func TestTenantsAllowListReload(t *testing.T) {
+	idp := idptest.NewTenants(t)
+	idp.Add("acme", "globex")
+	cfg := tenantConfig(idp, verify.TenantsConfig{Allow: []string{"acme"}})
+	c, v := startTenants(t, cfg, verify.Options{})
+	acme, globex := idp.Mint("acme", "api", nil), idp.Mint("globex", "api", nil)
+	allowed(t, check(t, c, req{path: "/orders/acme/1", headers: bearer(acme)}))
+
+	next := tenantConfig(idp, verify.TenantsConfig{Allow: []string{"globex"}})
+	nv, err := v.Reload(next.Issuers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	nv.Start(ctx)
+	v.Retire(nv)
+	c2 := startWith(t, next, nv)
+	denied(t, check(t, c2, req{path: "/orders/acme/1", headers: bearer(acme)}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
+	allowed(t, check(t, c2, req{path: "/orders/globex/1", headers: bearer(globex)}))
+	// Back: acme's issuer and keys were kept.
+	again := tenantConfig(idp, verify.TenantsConfig{Allow: []string{"acme", "globex"}})
+	nv2, err := nv.Reload(again.Issuers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nv2.Start(ctx)
+	nv.Retire(nv2)
+	allowed(t, check(t, startWith(t, again, nv2), req{path: "/orders/acme/1", headers: bearer(acme)}))
+	if d, j := idp.Hits("acme"); d != 1 || j != 1 {
+		t.Errorf("acme: %d discovery and %d key-set requests over two reloads, want 1 and 1", d, j)
+	}
+}

@@ -286,13 +286,18 @@ func newTenantFamily(root *Issuer, o Options, mem *dpopMemory) (*tenantFamily, e
 		f.noteSkipped(skipped)
 		f.allowed.Store(&set)
 	default:
-		set := make(map[string]struct{}, len(ts.Allow))
-		for _, v := range ts.Allow {
-			set[v] = struct{}{}
-		}
-		f.allowed.Store(&set)
+		f.allow(ts.Allow)
 	}
 	return f, nil
+}
+
+// allow makes list the accepted tenants (a reload may change it).
+func (f *tenantFamily) allow(list []string) {
+	set := make(map[string]struct{}, len(list))
+	for _, v := range list {
+		set[v] = struct{}{}
+	}
+	f.allowed.Store(&set)
 }
 
 func (f *tenantFamily) noteSkipped(skipped []skippedLine) {

@@ -221,6 +221,9 @@ func build(cfgs []IssuerConfig, o Options, tel *telemetry, answers *answers, mem
 		}
 		if prev != nil && prev.byName[c.Name] != nil && prev.byName[c.Name].id == id {
 			is = prev.byName[c.Name]
+			if is.tenants != nil && len(c.Tenants.Allow) > 0 {
+				is.tenants.allow(c.Tenants.Allow)
+			}
 		} else {
 			var err error
 			if is, err = newIssuer(c, o, tel, mem); err != nil {
@@ -268,8 +271,16 @@ const (
 // identity hashes an issuer's config and the contents of the files and
 // variables it reads (key set, secrets), so that a rotated secret file
 // counts as a change.
+//
+// A template's tenants.allow list is left out: a reload that changes it
+// keeps the template's tenants and their keys (build updates the list).
 func identity(c IssuerConfig) string {
 	h := sha256.New()
+	if c.Tenants != nil {
+		ts := *c.Tenants
+		ts.Allow = nil
+		c.Tenants = &ts
+	}
 	b, _ := json.Marshal(c)
 	h.Write(b)
 	files := []string{c.JWKSFile, c.HMACSecretFile}
