@@ -97,7 +97,7 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (resp *aut
 			d = errInternal()
 			resp, err = d.response(st.pol, nil, nil), nil
 		}
-		s.report(ctx, span, linked, d, token, time.Since(start))
+		s.report(ctx, span, linked, h, d, token, time.Since(start))
 	}()
 	d, token = s.decide(ctx, st, req, nil)
 	if d.code == codes.Unavailable && st.pol.grpcErrors {
@@ -164,7 +164,8 @@ func answerNote(r *verify.Result) string {
 
 // report ends the decision's span, counts it and logs it: every deny, and
 // the configured fraction of allows.
-func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanContext, d *decision, token string, took time.Duration) {
+func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanContext, h *authv3.AttributeContext_HttpRequest,
+	d *decision, token string, took time.Duration) {
 	info := d.info(took)
 	info.Transport = transportOf(ctx)
 	s.obs.endSpan(span, d, info)
@@ -203,6 +204,8 @@ func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanC
 	}
 	if sc := span.SpanContext(); sc.HasTraceID() {
 		attrs = append(attrs, slog.String("trace_id", sc.TraceID().String()))
+	} else if s.obs.untraced {
+		linked = s.obs.requestTrace(h) // read only now: most checks log nothing
 	}
 	if linked.IsValid() {
 		attrs = append(attrs, slog.String("request_trace_id", linked.TraceID().String()))

@@ -11,6 +11,7 @@ import (
 	"go.opentelemetry.io/otel/propagation"
 	semconv "go.opentelemetry.io/otel/semconv/v1.37.0"
 	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 )
@@ -31,6 +32,9 @@ type Observability struct {
 	DecisionLog DecisionLogger
 
 	tracer trace.Tracer
+	// untraced: the tracer provider is the no-op one (no exporter): spans
+	// are not recorded, so nothing is spent on what only they would use.
+	untraced bool
 }
 
 // DecisionLogger receives decision events: Sample says whether a
@@ -136,6 +140,7 @@ func (s *Server) Observe(o Observability) {
 		o.Observer = nopObserver{}
 	}
 	o.tracer = o.TracerProvider.Tracer("github.com/tokenauthz/tokenauthz/authz")
+	_, o.untraced = o.TracerProvider.(noop.TracerProvider)
 	s.obs = o
 }
 
@@ -152,8 +157,21 @@ func (s *Server) Observe(o Observability) {
 //
 // linked is the request's context when the span links to it (invalid
 // otherwise), for the decision log.
+//
+// Without an exporter (untraced), no span is started and the request's
+// own context is not read here: the call's trace context, if Envoy sent
+// one, still goes into ctx (provider calls carry it on, logs name it), and
+// the request's is read only for a log line that names it (requestTrace).
 func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContext_HttpRequest) (_ context.Context, _ trace.Span, linked trace.SpanContext) {
 	md, _ := metadata.FromIncomingContext(ctx)
+	if o.untraced {
+		if len(md) > 0 && !trace.SpanContextFromContext(ctx).IsValid() {
+			if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
+				ctx = mctx
+			}
+		}
+		return ctx, trace.SpanFromContext(ctx), linked
+	}
 	if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
 		parent := ctx
 		if !trace.SpanContextFromContext(ctx).IsValid() {
@@ -172,6 +190,12 @@ func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContex
 	}
 	ctx, span := o.tracer.Start(ctx, "tokenauthz.check", opts...)
 	return ctx, span, linked
+}
+
+// requestTrace is the request's own trace context (traceparent or b3 of
+// the HTTP request), for a log line.
+func (o *Observability) requestTrace(h *authv3.AttributeContext_HttpRequest) trace.SpanContext {
+	return trace.SpanContextFromContext(o.Propagator.Extract(context.Background(), requestCarrier{h}))
 }
 
 func (o *Observability) endSpan(span trace.Span, d *decision, info DecisionInfo) {

@@ -3,6 +3,7 @@ package authz_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 
@@ -283,5 +285,43 @@ func TestTraceIDFromMetadataWithoutStatsHandler(t *testing.T) {
 	}
 	if d := decisionSpan(t, rec, envoyTrace); d.Parent().SpanID().String() != envoySpan {
 		t.Fatalf("parent %v, want Envoy's span from the metadata", d.Parent())
+	}
+}
+
+// TestUntracedKeepsTraceIDs: with no exporter (the no-op tracer provider,
+// as serve runs without OTEL_* settings) no span is made, yet a deny's log
+// line names Envoy's trace (from the call's metadata) or, without one, the
+// request's own traceparent; and the provider calls carry Envoy's trace on.
+func TestUntracedKeepsTraceIDs(t *testing.T) {
+	f := newIntroFixture(t, "client_secret_basic")
+	logs := &logBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, nil))
+	v, err := verify.New(f.cfg.Issuers, verify.Options{TracerProvider: noop.NewTracerProvider(), Propagator: testProp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := authz.NewServer(f.cfg, v, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider(), Propagator: testProp})
+	const reqTrace = "0af7651916cd43dd8448eb211c80319c"
+	ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("traceparent", "00-"+envoyTrace+"-"+envoySpan+"-01"))
+	// An opaque token goes to introspection: the call carries the trace.
+	if _, err := srv.Check(ctx, req{headers: bearer("opaque-unknown")}.proto()); err != nil {
+		t.Fatal(err)
+	}
+	if tp := f.idp.LastRequest().Header.Get("traceparent"); !strings.Contains(tp, envoyTrace) {
+		t.Errorf("the introspection call carried traceparent %q, want Envoy's trace", tp)
+	}
+	if !strings.Contains(logs.String(), "trace_id="+envoyTrace) {
+		t.Errorf("the deny's log line lacks Envoy's trace id:\n%s", logs)
+	}
+	r := req{headers: map[string]string{"traceparent": "00-" + reqTrace + "-00f067aa0ba902b7-01", "authorization": "Bearer x.y"}}
+	if _, err := srv.Check(context.Background(), r.proto()); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "request_trace_id="+reqTrace) {
+		t.Errorf("the deny's log line lacks the request's trace id:\n%s", logs)
 	}
 }
