@@ -15,9 +15,12 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/tokenauthz/tokenauthz/authz"
 	"github.com/tokenauthz/tokenauthz/authz/decisionlog"
@@ -295,4 +298,35 @@ func BenchmarkCheckWarmDecisionLog(b *testing.B) {
 	}
 	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider(), DecisionLog: dl})
 	runChecks(b, srv, req{headers: bearer(benchToken(b, k, idp))}.proto())
+}
+
+// BenchmarkCheckWarmTraced is BenchmarkCheckWarm with tracing as production
+// configures it: the SDK's tracer provider with the default parent-based
+// sampler and a batching exporter (that discards), and Envoy's trace context
+// in the call's metadata, sampled or not. Against BenchmarkCheckWarm (no
+// exporter) it is the decision span's cost.
+func BenchmarkCheckWarmTraced(b *testing.B) {
+	for _, c := range []struct {
+		name  string
+		flags string
+	}{{"sampled", "01"}, {"not-sampled", "00"}} {
+		b.Run(c.name, func(b *testing.B) {
+			tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(tracetest.NewNoopExporter()))
+			b.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+			srv, k, idp := benchServer(b, "RS256", verify.Options{TracerProvider: tp})
+			srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp})
+			r := req{headers: bearer(benchToken(b, k, idp))}.proto()
+			ctx := metadata.NewIncomingContext(context.Background(),
+				metadata.Pairs("traceparent", "00-"+envoyTrace+"-"+envoySpan+"-"+c.flags))
+			if resp, _ := srv.Check(ctx, r); resp.GetStatus().GetCode() != 0 {
+				b.Fatal("denied")
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if resp, _ := srv.Check(ctx, r); resp.GetStatus().GetCode() != 0 {
+					b.Fatal("denied")
+				}
+			}
+		})
+	}
 }
