@@ -12,6 +12,7 @@ import (
 	"net"
 	"runtime"
 	"testing"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -328,5 +329,56 @@ func BenchmarkCheckWarmTraced(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkVerifiedCacheMemory checks tokens never seen before (HS256, so
+// the signature costs little) and reports the heap in use after 100,000
+// and after 2,000,000 of them: the verified-token cache is bounded by
+// bytes, so memory must not grow with the tokens seen.
+//
+//	go test -run XXX -bench VerifiedCacheMemory -benchtime 1x ./authz
+func BenchmarkVerifiedCacheMemory(b *testing.B) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	b.Setenv("BENCH_HMAC_SECRET", string(secret))
+	cfg := &authz.Config{
+		Issuers: []verify.IssuerConfig{{Name: "hs", Issuer: "https://hs.example", Audiences: []string{aud},
+			HMACSecretEnv: "BENCH_HMAC_SECRET", Algorithms: []string{"HS256"}}},
+		Routes:  []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}}},
+		Headers: authz.ClaimHeaders(map[string]string{"x-user-id": "sub"}),
+	}
+	v, err := verify.New(cfg.Issuers, verify.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv, err := authz.NewServer(cfg, v, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider()})
+	ctx := context.Background()
+	exp := time.Now().Add(time.Hour).Unix()
+	heap := func() float64 {
+		var m runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&m)
+		return float64(m.HeapInuse) / (1 << 20)
+	}
+	for b.Loop() {
+		var at100k float64
+		for i := range 2_000_000 {
+			tok := idptest.Sign(b, "HS256", secret, map[string]any{"alg": "HS256", "typ": "JWT"},
+				map[string]any{"iss": "https://hs.example", "aud": aud, "sub": fmt.Sprint("user-", i), "exp": exp})
+			if resp, _ := srv.Check(ctx, req{headers: bearer(tok)}.proto()); resp.GetStatus().GetCode() != 0 {
+				b.Fatal("denied")
+			}
+			if i+1 == 100_000 {
+				at100k = heap()
+			}
+		}
+		at2m := heap()
+		b.ReportMetric(at100k, "MiB-heap-100k")
+		b.ReportMetric(at2m, "MiB-heap-2M")
+		b.ReportMetric(at2m/at100k, "ratio")
 	}
 }
