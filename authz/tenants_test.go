@@ -400,3 +400,61 @@ func TestTenantsAllowListReload(t *testing.T) {
 		t.Errorf("acme: %d discovery and %d key-set requests over two reloads, want 1 and 1", d, j)
 	}
 }
+
+// TestNewTenantKeptDuringAFlood: with the pending tenants full of made-up
+// ones, a new tenant that works is still kept once its first token
+// verifies: its later tokens cost the provider nothing.
+func TestNewTenantKeptDuringAFlood(t *testing.T) {
+	if testing.Short() {
+		t.Skip("flood test")
+	}
+	idp := idptest.NewTenants(t)
+	idp.Add("acme")
+	cfg := tenantConfig(idp, verify.TenantsConfig{Any: true})
+	cfg.Routes[0].When = nil
+	cfg.Issuers[0].MaxDiscoveriesPerSecond = 1 << 20
+	c, _ := startTenants(t, cfg, verify.Options{})
+	key := idp.Key("acme")
+	mint := func(tn string) string {
+		return idptest.Mint(t, key, map[string]any{"iss": idp.Issuer(tn), "sub": "x", "aud": "api", "exp": time.Now().Add(time.Hour).Unix()})
+	}
+	for i := range 4200 { // the pending tenants are full
+		if codes.Code(check(t, c, req{path: "/orders/x", headers: bearer(mint(fmt.Sprint("early-", i)))}).GetStatus().GetCode()) == codes.OK {
+			t.Fatal("a made-up tenant was allowed")
+		}
+	}
+	// The flood goes on while acme's first key set is fetched (slowly):
+	// made-up tenants pass through the pending ones meanwhile.
+	idp.JWKSDelay.Store(int64(500 * time.Millisecond))
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				tn := fmt.Sprintf("made-up-%d-%d", w, i)
+				resp, err := c.Check(context.Background(), req{path: "/orders/x", headers: bearer(mint(tn))}.proto())
+				if err != nil || codes.Code(resp.GetStatus().GetCode()) == codes.OK {
+					t.Errorf("made-up tenant %s: %v %v", tn, err, resp.GetStatus())
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(200 * time.Millisecond) // the flood is under way; nothing is timed
+	for i := range 5 {
+		allowed(t, check(t, c, req{path: "/orders/acme/1", headers: bearer(idp.Mint("acme", "api", map[string]any{"n": i}))}))
+		time.Sleep(100 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	if d, j := idp.Hits("acme"); d != 1 || j != 1 {
+		t.Errorf("acme: %d discovery and %d key-set requests for 5 tokens during a flood, want 1 and 1", d, j)
+	}
+}

@@ -266,15 +266,14 @@ func newTenantFamily(root *Issuer, o Options, mem *dpopMemory) (*tenantFamily, e
 	}
 	f := &tenantFamily{root: root, tmpl: t, log: o.Logger.With("issuer_name", c.Name), perSecond: perSecond,
 		local: rate.NewLimiter(rate.Limit(perSecond), perSecond), shared: o.Shared, now: o.Now, o: o, mem: mem}
-	retire := func(e otter.DeletionEvent[string, *Issuer]) {
-		// A tenant dropped for room (not moved to loaded) is no longer
-		// refreshed: tokens verified under it are verified again.
-		if e.Cause != otter.CauseInvalidation && e.Cause != otter.CauseReplacement {
-			e.Value.evicted.Store(true)
-		}
-	}
-	f.loaded = otter.Must(&otter.Options[string, *Issuer]{MaximumSize: maxCached, OnDeletion: retire})
-	f.pending = otter.Must(&otter.Options[string, *Issuer]{MaximumSize: pendingTenants, OnDeletion: retire})
+	// A tenant dropped from loaded (for room) is no longer refreshed or
+	// found: tokens verified under it are verified again, under the
+	// tenant's issuer made anew. Nothing is verified under a pending
+	// tenant that is not then promoted (loadedOnce), so dropping one needs
+	// no mark.
+	f.loaded = otter.Must(&otter.Options[string, *Issuer]{MaximumSize: maxCached,
+		OnDeletion: func(e otter.DeletionEvent[string, *Issuer]) { e.Value.evicted.Store(true) }})
+	f.pending = otter.Must(&otter.Options[string, *Issuer]{MaximumSize: pendingTenants})
 	switch ts := c.Tenants; {
 	case ts.Any:
 	case ts.File != "":
@@ -340,21 +339,26 @@ func (f *tenantFamily) issuer(tenant string) *Issuer {
 	return is
 }
 
-// promote moves a tenant whose keys loaded to the loaded tenants.
+// promote moves a tenant whose keys loaded to the loaded tenants (f.mu
+// held).
 func (f *tenantFamily) promote(is *Issuer) {
 	f.loaded.Set(is.tenant, is)
-	f.pending.Invalidate(is.tenant)
+	if cur, ok := f.pending.GetIfPresent(is.tenant); ok && cur == is {
+		f.pending.Invalidate(is.tenant)
+	}
 }
 
-// loadedOnce is called after a tenant's token verified: a pending tenant
-// whose keys are in hand is promoted.
+// loadedOnce is called after a tenant's token verified: its issuer, keys
+// in hand, is promoted, also when the pending tenants had no room for it
+// (a flood of made-up tenants fills them): a new tenant that works is
+// kept however crowded the pending ones are.
 func (f *tenantFamily) loadedOnce(is *Issuer) {
 	if _, ok := f.loaded.GetIfPresent(is.tenant); ok {
 		return
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if cur, ok := f.pending.GetIfPresent(is.tenant); ok && cur == is {
+	if _, ok := f.loaded.GetIfPresent(is.tenant); !ok && !is.evicted.Load() {
 		f.promote(is)
 	}
 }
