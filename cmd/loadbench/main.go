@@ -399,6 +399,15 @@ reserved_header_prefix: x-auth-
 
 // mint signs n distinct RS256 tokens, on every core.
 func mint(key *rsa.PrivateKey, n int) []string {
+	return signAll(key, n, func(i int, now int64) string {
+		return fmt.Sprintf(`{"iss":"https://bench.example","aud":"api","sub":"user-%d","scope":"read write","iat":%d,"exp":%d,"jti":"%d"}`,
+			i, now, now+7200, i)
+	})
+}
+
+// signAll signs n RS256 tokens with the claims claims(i, now) gives, on
+// every core.
+func signAll(key *rsa.PrivateKey, n int, claims func(i int, now int64) string) []string {
 	toks := make([]string, n)
 	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"RS256","kid":"bench","typ":"JWT"}`))
 	now := time.Now().Unix()
@@ -407,9 +416,7 @@ func mint(key *rsa.PrivateKey, n int) []string {
 	for w := range workers {
 		wg.Go(func() {
 			for i := w; i < n; i += workers {
-				claims := fmt.Sprintf(`{"iss":"https://bench.example","aud":"api","sub":"user-%d","scope":"read write","iat":%d,"exp":%d,"jti":"%d"}`,
-					i, now, now+7200, i)
-				input := hdr + "." + base64.RawURLEncoding.EncodeToString([]byte(claims))
+				input := hdr + "." + base64.RawURLEncoding.EncodeToString([]byte(claims(i, now)))
 				sum := sha256.Sum256([]byte(input))
 				sig, err := rsa.SignPKCS1v15(nil, key, crypto.SHA256, sum[:])
 				if err != nil {
@@ -905,28 +912,10 @@ func startTenantIdP(key *rsa.PrivateKey) (*tenantIdP, error) {
 
 // mintTenants signs n RS256 tokens spread over the given number of tenants.
 func mintTenants(key *rsa.PrivateKey, idpURL string, tenants, n int) []string {
-	toks := make([]string, n)
-	hdr := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"RS256","kid":"bench","typ":"JWT"}`))
-	now := time.Now().Unix()
-	var wg sync.WaitGroup
-	workers := runtime.NumCPU()
-	for w := range workers {
-		wg.Go(func() {
-			for i := w; i < n; i += workers {
-				claims := fmt.Sprintf(`{"iss":"%s/realms/tenant-%05d","aud":"api","sub":"user-%d","scope":"read write","iat":%d,"exp":%d}`,
-					idpURL, i%tenants, i, now, now+7200)
-				input := hdr + "." + base64.RawURLEncoding.EncodeToString([]byte(claims))
-				sum := sha256.Sum256([]byte(input))
-				sig, err := rsa.SignPKCS1v15(nil, key, crypto.SHA256, sum[:])
-				if err != nil {
-					panic(err)
-				}
-				toks[i] = input + "." + base64.RawURLEncoding.EncodeToString(sig)
-			}
-		})
-	}
-	wg.Wait()
-	return toks
+	return signAll(key, n, func(i int, now int64) string {
+		return fmt.Sprintf(`{"iss":"%s/realms/tenant-%05d","aud":"api","sub":"user-%d","scope":"read write","iat":%d,"exp":%d}`,
+			idpURL, i%tenants, i, now, now+7200)
+	})
 }
 
 // otlpSink accepts OTLP/HTTP exports and discards them: the exporter's
