@@ -163,16 +163,16 @@ func (s *Server) Observe(o Observability) {
 // one, still goes into ctx (provider calls carry it on, logs name it), and
 // the request's is read only for a log line that names it (requestTrace).
 func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContext_HttpRequest) (_ context.Context, _ trace.Span, linked trace.SpanContext) {
-	md := incomingCarrier{ctx}
+	md, _ := metadata.FromIncomingContext(ctx)
 	if o.untraced {
-		if !trace.SpanContextFromContext(ctx).IsValid() {
-			if mctx := o.Propagator.Extract(ctx, md); trace.SpanContextFromContext(mctx).IsRemote() {
+		if len(md) > 0 && !trace.SpanContextFromContext(ctx).IsValid() {
+			if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
 				ctx = mctx
 			}
 		}
 		return ctx, trace.SpanFromContext(ctx), linked
 	}
-	if mctx := o.Propagator.Extract(ctx, md); trace.SpanContextFromContext(mctx).IsRemote() {
+	if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
 		parent := ctx
 		if !trace.SpanContextFromContext(ctx).IsValid() {
 			parent = mctx // no gRPC server span to continue: Envoy's span is the parent
@@ -264,23 +264,6 @@ func (d *decision) status() int {
 		return 200
 	}
 	return int(d.httpStatus)
-}
-
-// incomingCarrier reads trace context from the call's gRPC metadata
-// without copying it all (metadata.FromIncomingContext copies every key
-// and value, on every check).
-type incomingCarrier struct{ ctx context.Context }
-
-func (c incomingCarrier) Get(k string) string {
-	if v := metadata.ValueFromIncomingContext(c.ctx, k); len(v) > 0 {
-		return v[0]
-	}
-	return ""
-}
-func (c incomingCarrier) Set(string, string) {}
-func (c incomingCarrier) Keys() []string {
-	md, _ := metadata.FromIncomingContext(c.ctx)
-	return metadataCarrier(md).Keys()
 }
 
 // metadataCarrier reads trace context from gRPC metadata.
