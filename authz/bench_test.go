@@ -49,6 +49,9 @@ func benchServerWith(b *testing.B, alg string, vo verify.Options, mod func(*auth
 	if mod != nil {
 		mod(cfg)
 	}
+	if vo.TracerProvider == nil {
+		vo.TracerProvider = noop.NewTracerProvider() // as serve without OTEL_* configured
+	}
 	v, err := verify.New(cfg.Issuers, vo)
 	if err != nil {
 		b.Fatal(err)

@@ -110,15 +110,21 @@ func queryHasToken(q string) bool {
 	return false
 }
 
-// isToken68 checks RFC 6750's b64token: ALPHA DIGIT - . _ ~ + / then "=" padding.
+// token68 marks RFC 6750's b64token characters: ALPHA DIGIT - . _ ~ + /.
+// One table load a byte: a chain of comparisons was 2% of the CPU of a check
+// of a new token.
+var token68 = func() (t [256]bool) {
+	for c := range 256 {
+		t[c] = 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-._~+/", byte(c)) >= 0
+	}
+	return t
+}()
+
+// isToken68 checks RFC 6750's b64token: b64token characters, then "=" padding.
 func isToken68(s string) bool {
 	i := 0
-	for ; i < len(s); i++ {
-		c := s[i]
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
-			c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/') {
-			break
-		}
+	for i < len(s) && token68[s[i]] {
+		i++
 	}
 	if i == 0 {
 		return false

@@ -180,3 +180,22 @@ func TestRepeatedInputsLinear(t *testing.T) {
 		t.Fatalf("5,000 repeats allocate %d bytes, 10,000 allocate %d: %.1fx, not linear", small, large, ratio)
 	}
 }
+
+// TestToken68Table: the table holds RFC 6750's b64token characters and no
+// other byte, and padding is only accepted at the end.
+func TestToken68Table(t *testing.T) {
+	const b64token = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~+/"
+	for c := range 256 {
+		if want := strings.IndexByte(b64token, byte(c)) >= 0; isToken68("a"+string(rune(c))) != want && c < 0x80 && c != '=' {
+			t.Errorf("byte %q: accepted %v, want %v", rune(c), !want, want)
+		}
+		if c >= 0x80 && isToken68(string([]byte{'a', byte(c)})) {
+			t.Errorf("byte %#x accepted", c)
+		}
+	}
+	for s, want := range map[string]bool{"abc==": true, "a.b.c": true, "=": false, "": false, "ab=c": false, "ab c": false, "ab==\x00": false} {
+		if isToken68(s) != want {
+			t.Errorf("%q: %v, want %v", s, !want, want)
+		}
+	}
+}

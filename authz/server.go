@@ -169,6 +169,12 @@ func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanC
 	info := d.info(took)
 	info.Transport = transportOf(ctx)
 	s.obs.endSpan(span, d, info)
+	allowed := d.allow && d.wouldBe == nil // a dry-run's would-be deny is logged as a deny
+	logLine := !d.quiet && !(allowed && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate))
+	if s.obs.untraced && (d.event != nil || logLine) && !span.SpanContext().IsValid() {
+		ctx = callTrace(ctx, s.obs.Propagator) // read only now that something names it
+		span = trace.SpanFromContext(ctx)
+	}
 	s.obs.Observer.Decision(info)
 	if ev := d.event; ev != nil {
 		ev.ID = newDecisionID()
@@ -184,8 +190,7 @@ func (s *Server) report(ctx context.Context, span trace.Span, linked trace.SpanC
 		}
 		s.obs.DecisionLog.Log(*ev)
 	}
-	allowed := d.allow && d.wouldBe == nil // a dry-run's would-be deny is logged as a deny
-	if d.quiet || allowed && (s.obs.AllowLogRate <= 0 || rand.Float64() >= s.obs.AllowLogRate) {
+	if !logLine {
 		return
 	}
 	attrs := []slog.Attr{slog.String("reason", info.Reason), slog.Int("status", int(d.httpStatus)), slog.String("transport", info.Transport)}

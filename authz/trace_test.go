@@ -296,7 +296,8 @@ func TestUntracedKeepsTraceIDs(t *testing.T) {
 	f := newIntroFixture(t, "client_secret_basic")
 	logs := &logBuffer{}
 	log := slog.New(slog.NewTextHandler(logs, nil))
-	v, err := verify.New(f.cfg.Issuers, verify.Options{TracerProvider: noop.NewTracerProvider(), Propagator: testProp})
+	v, err := verify.New(f.cfg.Issuers, verify.Options{TracerProvider: noop.NewTracerProvider(), Propagator: testProp,
+		CallTrace: authz.CallTrace(testProp)}) // as serve wires it
 	if err != nil {
 		t.Fatal(err)
 	}

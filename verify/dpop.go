@@ -186,6 +186,9 @@ func newDPoPMemory(now func() time.Time) *dpopMemory {
 			n := 64 + len(k.jkt)
 			if pk, ok := k.key.raw.(*rsa.PublicKey); ok {
 				n += len(pk.N.Bits()) * 8
+				if k.key.rsa != nil {
+					n += 2 * len(pk.N.Bits()) * 8 // the modulus and its R²
+				}
 			}
 			return n
 		}),
@@ -322,7 +325,7 @@ func (p *proofs) check(ctx context.Context, proof string, r ProofRequest) error 
 	if issued.After(now.Add(p.leeway)) {
 		return badProof("the DPoP proof is issued in the future")
 	}
-	if spec.verifier.Verify([]byte(proof[:len(h)+1+len(pl)]), sig, pk.key.raw) != nil {
+	if !pk.key.verify(spec, proof[:len(h)+1+len(pl)], sig) {
 		return badProof("the DPoP proof's signature is invalid")
 	}
 	if p.cfg.Nonce && (claims.Nonce == nil || !p.validNonce(ctx, *claims.Nonce)) {
@@ -463,7 +466,7 @@ func TargetURI(scheme, host, port, path string) string {
 }
 
 func accessTokenHash(tok string) string {
-	sum := sha256.Sum256([]byte(tok))
+	sum := sum256(tok)
 	return base64.RawURLEncoding.EncodeToString(sum[:])
 }
 

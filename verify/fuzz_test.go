@@ -1,6 +1,9 @@
 package verify
 
 import (
+	"bytes"
+	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -28,6 +31,37 @@ func FuzzParseJWT(f *testing.F) {
 		}
 		if strings.EqualFold(tk.alg, "none") || tk.alg == "" || len(tk.signature) == 0 || !strings.HasPrefix(raw, tk.signingInput+".") {
 			t.Fatalf("accepted %q: alg %q", raw, tk.alg)
+		}
+	})
+}
+
+// FuzzDecodeObject: what the one-pass decoder accepts, encoding/json (with
+// UseNumber, as claims were decoded before) reads the same, value for value;
+// and the one-pass decoder accepts no top level but an object.
+func FuzzDecodeObject(f *testing.F) {
+	for _, s := range []string{
+		`{"a":1,"b":[1,{"c":2.50e3}],"d":{"e":null},"f":true,"g":"\u00e9\ud83d\ude00"}`,
+		`{}`, `{"a":1,"a":2}`, `[1]`, `{"a":-0}`, `{"a":[]}`, `{"a":{}}`, `{"a":1} `,
+		`{"a":"\u0000"}`, `{"a":1e400}`, `{"a":"x\/y"}`, `null`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		got, err := decodeObject(b)
+		if err != nil {
+			return
+		}
+		if len(bytes.TrimSpace(b)) == 0 || bytes.TrimSpace(b)[0] != '{' {
+			t.Fatalf("accepted a top level that is not an object: %q", b)
+		}
+		dec := json.NewDecoder(bytes.NewReader(b))
+		dec.UseNumber()
+		var want Claims
+		if err := dec.Decode(&want); err != nil {
+			t.Fatalf("accepted %q, which encoding/json refuses: %v", b, err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("%q: decoded %#v, encoding/json %#v", b, got, want)
 		}
 	})
 }

@@ -1,7 +1,6 @@
 package verify
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -256,24 +255,6 @@ func (e *endpoint) do(req *http.Request) (body []byte, status int, ctype string,
 		return nil, 0, "", fmt.Errorf("%s: %w", req.URL.Redacted(), err)
 	}
 	return body, resp.StatusCode, resp.Header.Get("Content-Type"), nil
-}
-
-// decodeObject decodes a JSON object with the token payload's rules: no
-// duplicate keys, bounded nesting, numbers kept exact.
-func decodeObject(b []byte) (Claims, error) {
-	if err := checkJSON(b); err != nil {
-		return nil, err
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	var c Claims
-	if err := dec.Decode(&c); err != nil {
-		return nil, err
-	}
-	if c == nil {
-		return nil, errors.New("null")
-	}
-	return c, nil
 }
 
 // answerCodec stores answers in Redis as cachev1.ProviderAnswer; what is

@@ -2,6 +2,7 @@ package verify
 
 import (
 	"bytes"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
@@ -35,6 +36,7 @@ type algSpec struct {
 	kty       keyType
 	curve     elliptic.Curve // for ES*
 	minSecret int            // for HS*: hash output size in bytes
+	pkcs1     crypto.Hash    // for RS*: verified by rsaKey when the key has one
 	verifier  jws.Verifier
 }
 
@@ -42,7 +44,7 @@ type algSpec struct {
 // once here rather than per token.
 var algorithms = func() map[string]algSpec {
 	m := map[string]algSpec{
-		"RS256": {kty: ktyRSA}, "RS384": {kty: ktyRSA}, "RS512": {kty: ktyRSA},
+		"RS256": {kty: ktyRSA, pkcs1: crypto.SHA256}, "RS384": {kty: ktyRSA, pkcs1: crypto.SHA384}, "RS512": {kty: ktyRSA, pkcs1: crypto.SHA512},
 		"PS256": {kty: ktyRSA}, "PS384": {kty: ktyRSA}, "PS512": {kty: ktyRSA},
 		"ES256": {kty: ktyEC, curve: elliptic.P256()},
 		"ES384": {kty: ktyEC, curve: elliptic.P384()},
@@ -80,6 +82,15 @@ type verifyKey struct {
 	kty   keyType
 	curve elliptic.Curve
 	raw   any // *rsa.PublicKey, *ecdsa.PublicKey, ed25519.PublicKey or []byte
+	rsa   *rsaKey
+}
+
+// verify checks sig over input with k for alg (spec), which k fits.
+func (k *verifyKey) verify(spec algSpec, input string, sig []byte) bool {
+	if spec.pkcs1 != 0 && k.rsa != nil {
+		return k.rsa.verifyPKCS1v15(spec.pkcs1, input, sig)
+	}
+	return spec.verifier.Verify([]byte(input), sig, k.raw) == nil
 }
 
 // fits reports whether k may verify a token signed with alg: the key type must
@@ -174,7 +185,7 @@ func toVerifyKey(k jwk.Key) (verifyKey, bool) {
 		if pk.N.BitLen() < minRSABits {
 			return verifyKey{}, false
 		}
-		vk.kty, vk.raw = ktyRSA, pk
+		vk.kty, vk.raw, vk.rsa = ktyRSA, pk, newRSAKey(pk)
 	case *ecdsa.PublicKey:
 		vk.kty, vk.curve, vk.raw = ktyEC, pk.Curve, pk
 	case ed25519.PublicKey:

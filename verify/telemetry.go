@@ -11,6 +11,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/tokenauthz/tokenauthz/cache"
 )
@@ -42,10 +43,14 @@ type telemetry struct {
 	obs    Observer
 	tp     trace.TracerProvider
 	prop   propagation.TextMapPropagator
+	callTrace func(context.Context) context.Context // Options.CallTrace
+	// untraced: tp is the no-op provider (no exporter), whose spans would
+	// only be allocated and dropped.
+	untraced bool
 }
 
 func newTelemetry(o Options) *telemetry {
-	t := &telemetry{tp: o.TracerProvider, prop: o.Propagator, obs: o.Observer}
+	t := &telemetry{tp: o.TracerProvider, prop: o.Propagator, obs: o.Observer, callTrace: o.CallTrace}
 	if t.tp == nil {
 		t.tp = otel.GetTracerProvider()
 	}
@@ -56,11 +61,17 @@ func newTelemetry(o Options) *telemetry {
 		t.obs = nopObserver{}
 	}
 	t.tracer = t.tp.Tracer("github.com/tokenauthz/tokenauthz/verify")
+	_, t.untraced = t.tp.(noop.TracerProvider)
 	return t
 }
 
 // start opens a child span of whatever span ctx carries.
 func (t *telemetry) start(ctx context.Context, name string, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	if t.untraced {
+		// What the no-op tracer would return, without its allocations:
+		// ctx keeps the trace context it carries for provider calls.
+		return ctx, trace.SpanFromContext(ctx)
+	}
 	return t.tracer.Start(ctx, name, trace.WithAttributes(attrs...))
 }
 
@@ -80,5 +91,24 @@ func (t *telemetry) transport(base http.RoundTripper) http.RoundTripper {
 	if base == nil {
 		base = http.DefaultTransport
 	}
-	return otelhttp.NewTransport(base, otelhttp.WithTracerProvider(t.tp), otelhttp.WithPropagators(t.prop))
+	rt := otelhttp.NewTransport(base, otelhttp.WithTracerProvider(t.tp), otelhttp.WithPropagators(t.prop))
+	if t.callTrace == nil {
+		return rt
+	}
+	return callTraced{rt, t.callTrace}
+}
+
+// callTraced gives a request's context the trace context of the call that
+// caused it (Options.CallTrace) before the request's span and headers are
+// made from it.
+type callTraced struct {
+	next  http.RoundTripper
+	trace func(context.Context) context.Context
+}
+
+func (c callTraced) RoundTrip(r *http.Request) (*http.Response, error) {
+	if ctx := c.trace(r.Context()); ctx != r.Context() {
+		r = r.WithContext(ctx)
+	}
+	return c.next.RoundTrip(r)
 }

@@ -83,81 +83,143 @@ func parseJWT(raw string) (*jwt, error) {
 	if t.signature, err = b64.DecodeString(s); err != nil {
 		return nil, invalid("malformed", "token signature is not base64url")
 	}
-	if err := checkJSON(pb); err != nil {
+	if t.claims, err = decodeObject(pb); err != nil {
 		return nil, invalid("malformed", "token payload: "+err.Error())
-	}
-	dec := json.NewDecoder(bytes.NewReader(pb))
-	dec.UseNumber()
-	if err := dec.Decode(&t.claims); err != nil || t.claims == nil {
-		return nil, invalid("malformed", "token payload is not a JSON object")
 	}
 	return t, nil
 }
 
+// parseHeader reads the protected header in the same single pass as
+// decodeObject, keeping only what is checked: the string members alg, kid,
+// typ and cty, and whether the members refused below are present at all
+// (with any value, null included). Checks run after the whole header read
+// as valid JSON, so a broken header is named malformed first.
 func (t *jwt) parseHeader(hb []byte) error {
-	if err := checkJSON(hb); err != nil {
+	var (
+		cty       string
+		notString string
+		refused   uint8
+	)
+	const (
+		hasEnc = 1 << iota
+		hasCrit
+		hasB64
+		hasJWK
+		hasJKU
+		hasX5U
+		hasX5C
+	)
+	err := walkObject(hb, func(dec *jsontext.Decoder, name string) error {
+		var dst *string
+		switch name {
+		case "alg":
+			dst = &t.alg
+		case "kid":
+			dst = &t.kid
+		case "typ":
+			dst = &t.typ
+		case "cty":
+			dst = &cty
+		case "enc":
+			refused |= hasEnc
+		case "crit":
+			refused |= hasCrit
+		case "b64":
+			refused |= hasB64
+		case "jwk":
+			refused |= hasJWK
+		case "jku":
+			refused |= hasJKU
+		case "x5u":
+			refused |= hasX5U
+		case "x5c":
+			refused |= hasX5C
+		}
+		if dst == nil {
+			_, err := readValue(dec) // checked as thoroughly as a kept one
+			return err
+		}
+		if dec.PeekKind() != '"' {
+			if notString == "" {
+				notString = name
+			}
+			_, err := readValue(dec)
+			return err
+		}
+		tok, err := dec.ReadToken()
+		if err != nil {
+			return jsonError(err)
+		}
+		*dst = tok.String()
+		return nil
+	})
+	if err != nil {
 		return invalid("malformed", "token header: "+err.Error())
 	}
-	var hdr map[string]json.RawMessage
-	if err := json.Unmarshal(hb, &hdr); err != nil || hdr == nil {
-		return invalid("malformed", "token header is not a JSON object")
-	}
-	str := func(name string) (string, error) {
-		v, ok := hdr[name]
-		if !ok {
-			return "", nil
+	for _, name := range []string{"alg", "kid", "typ", "cty"} {
+		if notString == name {
+			return invalid("malformed", "token header "+name+" is not a string")
 		}
-		var s string
-		if err := json.Unmarshal(v, &s); err != nil {
-			return "", invalid("malformed", "token header "+name+" is not a string")
-		}
-		return s, nil
-	}
-	var err error
-	if t.alg, err = str("alg"); err != nil {
-		return err
-	}
-	if t.kid, err = str("kid"); err != nil {
-		return err
-	}
-	if t.typ, err = str("typ"); err != nil {
-		return err
-	}
-	cty, err := str("cty")
-	if err != nil {
-		return err
 	}
 	switch {
 	case t.alg == "":
 		return invalid("malformed", "token header has no alg")
 	case strings.EqualFold(t.alg, "none"):
 		return invalid("alg_none", "unsigned tokens (alg none) are not accepted")
-	case hdr["enc"] != nil:
+	case refused&hasEnc != 0:
 		return invalid("malformed", "encrypted tokens (JWE) are not accepted")
 	case strings.EqualFold(cty, "JWT"):
 		return invalid("malformed", "nested tokens are not accepted")
-	case hdr["crit"] != nil:
+	case refused&hasCrit != 0:
 		// No JWS extension is understood here, so every critical one is unknown
 		// (RFC 7515 §4.1.11); b64 always comes with crit.
 		return invalid("malformed", "token has critical header parameters that are not supported")
-	case hdr["b64"] != nil:
+	case refused&hasB64 != 0:
 		return invalid("malformed", "unencoded payloads (b64) are not accepted")
 	}
-	for _, name := range []string{"jwk", "jku", "x5u", "x5c"} {
-		if hdr[name] != nil {
+	for i, name := range []string{"jwk", "jku", "x5u", "x5c"} {
+		if refused&(hasJWK<<i) != 0 {
 			return invalid("token_key", "tokens that carry or point to their own key ("+name+") are not accepted")
 		}
 	}
 	return nil
 }
 
-// checkJSON rejects what encoding/json would silently accept and a signer and
-// a verifier could read differently: duplicate object keys (last one wins in
-// Go, first in others), invalid UTF-8, deep nesting, trailing data, and a
-// top level that is not an object. jsontext (the JSON v2 tokenizer) checks
-// names and UTF-8 as it reads, without allocating a token per value: the
-// encoding/json token walk it replaces was a quarter of a new token's cost.
+// decodeObject reads b, which must be a JSON object, into what
+// encoding/json with UseNumber would make of it (map[string]any, []any,
+// string, json.Number, bool, nil), rejecting on the way what encoding/json
+// would silently accept and a signer and a verifier could read differently:
+// duplicate object keys (last one wins in Go, first in others), invalid
+// UTF-8, deep nesting, trailing data, and a top level that is not an object.
+//
+// One pass of jsontext (the JSON v2 tokenizer, which checks names and UTF-8
+// as it reads): a check pass followed by encoding/json's own (which scans
+// everything once more before decoding) was a third of a new token's cost
+// besides its signature.
+func decodeObject(b []byte) (Claims, error) {
+	m := Claims{}
+	err := walkObject(b, func(dec *jsontext.Decoder, name string) error {
+		v, err := readValue(dec)
+		m[name] = v
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// checkJSON applies decodeObject's rules without keeping anything.
 func checkJSON(b []byte) error {
+	return walkObject(b, func(dec *jsontext.Decoder, _ string) error {
+		_, err := readValue(dec)
+		return err
+	})
+}
+
+// walkObject reads b as one JSON object and nothing after it, calling member
+// for each name; member must read the name's value from dec.
+func walkObject(b []byte, member func(dec *jsontext.Decoder, name string) error) error {
 	jd := jsonCheckers.Get().(*jsonChecker)
 	defer jsonCheckers.Put(jd)
 	jd.r.Reset(b)
@@ -166,29 +228,92 @@ func checkJSON(b []byte) error {
 	dec := &jd.dec
 	tok, err := dec.ReadToken()
 	if err != nil {
-		return fmt.Errorf("invalid JSON")
+		return jsonError(err)
 	}
 	if tok.Kind() != '{' {
 		return fmt.Errorf("not a JSON object")
 	}
-	for dec.StackDepth() > 0 {
-		if _, err := dec.ReadToken(); err != nil {
-			switch {
-			case errors.Is(err, jsontext.ErrDuplicateName):
-				return fmt.Errorf("duplicate key")
-			case errors.Is(err, io.ErrUnexpectedEOF):
-				return fmt.Errorf("truncated JSON")
-			}
-			return fmt.Errorf("invalid JSON")
+	for dec.PeekKind() != '}' {
+		tok, err := dec.ReadToken()
+		if err != nil {
+			return jsonError(err)
 		}
-		if dec.StackDepth() > maxJSONDepth {
-			return fmt.Errorf("JSON nested deeper than %d", maxJSONDepth)
+		if err := member(dec, tok.String()); err != nil {
+			return err
 		}
+	}
+	if _, err := dec.ReadToken(); err != nil {
+		return jsonError(err)
 	}
 	if _, err := dec.ReadToken(); err != io.EOF {
 		return fmt.Errorf("trailing data after JSON object")
 	}
 	return nil
+}
+
+// readValue reads the next value from dec, whole.
+func readValue(dec *jsontext.Decoder) (any, error) {
+	tok, err := dec.ReadToken()
+	if err != nil {
+		return nil, jsonError(err)
+	}
+	switch tok.Kind() {
+	case '"':
+		return tok.String(), nil
+	case '0':
+		return json.Number(tok.String()), nil
+	case 't', 'f':
+		return tok.Bool(), nil
+	case 'n':
+		return nil, nil
+	case '{':
+		if dec.StackDepth() > maxJSONDepth {
+			return nil, fmt.Errorf("JSON nested deeper than %d", maxJSONDepth)
+		}
+		m := map[string]any{}
+		for dec.PeekKind() != '}' {
+			tok, err := dec.ReadToken()
+			if err != nil {
+				return nil, jsonError(err)
+			}
+			name := tok.String() // tok is only valid until the next read
+			v, err := readValue(dec)
+			if err != nil {
+				return nil, err
+			}
+			m[name] = v
+		}
+		_, err := dec.ReadToken()
+		return m, jsonError(err)
+	case '[':
+		if dec.StackDepth() > maxJSONDepth {
+			return nil, fmt.Errorf("JSON nested deeper than %d", maxJSONDepth)
+		}
+		l := []any{}
+		for dec.PeekKind() != ']' {
+			v, err := readValue(dec)
+			if err != nil {
+				return nil, err
+			}
+			l = append(l, v)
+		}
+		_, err := dec.ReadToken()
+		return l, jsonError(err)
+	}
+	return nil, fmt.Errorf("invalid JSON")
+}
+
+// jsonError names a tokenizer error for a message; nil stays nil.
+func jsonError(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, jsontext.ErrDuplicateName):
+		return fmt.Errorf("duplicate key")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return fmt.Errorf("truncated JSON")
+	}
+	return fmt.Errorf("invalid JSON")
 }
 
 // truncate shortens s, an untrusted token field, for a message: at most n

@@ -71,3 +71,43 @@ func TestHasScopeAgreesWithScopes(t *testing.T) {
 		}
 	}
 }
+
+// TestHeaderMembersByPresence: the refused members are refused whatever
+// their value (null included), a kept member that is not a string is
+// named, and a broken header is malformed before anything else is said.
+func TestHeaderMembersByPresence(t *testing.T) {
+	for hdr, want := range map[string]string{
+		`{"alg":"RS256","jku":null}`:            "token_key",
+		`{"alg":"RS256","x5c":[]}`:              "token_key",
+		`{"alg":"RS256","jwk":{}}`:              "token_key",
+		`{"alg":"RS256","x5u":""}`:              "token_key",
+		`{"alg":"RS256","crit":null}`:           "crit",
+		`{"alg":"RS256","enc":false}`:           "JWE",
+		`{"alg":"RS256","b64":true}`:            "b64",
+		`{"alg":"RS256","cty":"jwt"}`:           "nested",
+		`{"alg":"RS256","kid":7}`:               "kid is not a string",
+		`{"alg":null}`:                          "alg is not a string",
+		`{"alg":"RS256","typ":{"a":1}}`:         "typ is not a string",
+		`{"alg":"none"}`:                        "alg_none",
+		`{"alg":"nOnE"}`:                        "alg_none",
+		`{"kid":"a"}`:                           "no alg",
+		`{"alg":"RS256","alg":"none"}`:          "duplicate key",
+		`{"alg":7,"x":[1,}`:                     "invalid JSON",
+		`{"alg":"RS256","x":{"y":1,"y":2}}`:     "duplicate key",
+		`{"alg":"RS256"}{}`:                     "trailing data",
+		`{"alg":"RS256","kid":"k","typ":"JWT"}`: "",
+	} {
+		tk := &jwt{}
+		err := tk.parseHeader([]byte(hdr))
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%s: %v", hdr, err)
+		case want != "" && (err == nil || !strings.Contains(AsError(err).Reason+" "+AsError(err).Desc, want)):
+			t.Errorf("%s: got %v, want %q", hdr, err, want)
+		}
+	}
+	tk := &jwt{}
+	if err := tk.parseHeader([]byte(`{"alg":"RS256","kid":"k\u00e9","typ":"at+jwt","extra":[1,{"a":null}]}`)); err != nil || tk.alg != "RS256" || tk.kid != "ké" || tk.typ != "at+jwt" {
+		t.Errorf("got %+v, %v", tk, err)
+	}
+}

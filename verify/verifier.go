@@ -40,6 +40,11 @@ type Options struct {
 	// sent to providers. Default: the otel globals.
 	TracerProvider trace.TracerProvider
 	Propagator     propagation.TextMapPropagator
+	// CallTrace, if set, gives a provider call's ctx the trace context of
+	// the call that caused it, when ctx carries none: a caller that reads
+	// that context only when it is used (authz without an exporter, see
+	// authz.CallTrace) sets it.
+	CallTrace func(context.Context) context.Context
 	// Observer receives events for metrics. Default: none.
 	Observer Observer
 	// VerifiedTokens bounds the cache of tokens that passed local
@@ -662,7 +667,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string, p Policy) (*Result, e
 func (v *Verifier) verifyJWT(ctx context.Context, raw string, p *Policy) (*Result, error) {
 	var key string
 	if v.verified != nil {
-		sum := sha256.Sum256([]byte(raw))
+		sum := sum256(raw)
 		key = string(sum[:])
 		if e, ok := v.verified.Peek(key); ok && v.current(e.is) && e.keyGen == e.is.keyGeneration() {
 			if !p.accepts(e.is.name) {
@@ -833,7 +838,7 @@ func (is *Issuer) verifySignature(ctx context.Context, t *jwt) (cache.Source, ui
 	}
 	if spec.kty == ktyOct {
 		// The one shared secret; a kid on an HMAC token selects nothing.
-		if spec.verifier.Verify([]byte(t.signingInput), t.signature, is.hmacKey.raw) != nil {
+		if !is.hmacKey.verify(spec, t.signingInput, t.signature) {
 			return cache.FromMemory, 0, invalid("bad_signature", "token signature is invalid")
 		}
 		return cache.FromMemory, 0, nil
@@ -854,7 +859,7 @@ func (is *Issuer) verifySignature(ctx context.Context, t *jwt) (cache.Source, ui
 			continue
 		}
 		tried = true
-		if spec.verifier.Verify([]byte(t.signingInput), t.signature, k.raw) == nil {
+		if k.verify(spec, t.signingInput, t.signature) {
 			return src, ks.gen, nil
 		}
 	}

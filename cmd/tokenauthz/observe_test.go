@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -343,4 +344,44 @@ routes:
 		}
 	}
 	t.Fatalf("collector did not receive %s; got %v", want, col.spans)
+}
+
+// TestUntracedServiceCarriesEnvoysTrace: serve with no exporter reads the
+// call's trace context only when something uses it; a provider call is such
+// a use, and carries Envoy's trace on.
+func TestUntracedServiceCarriesEnvoysTrace(t *testing.T) {
+	key := idptest.NewKey(t, "k1", "ES256")
+	idp := idptest.New(t, key)
+	idp.RegisterClient(idptest.Client{ID: "authz", Secret: "secret", Method: "client_secret_basic"})
+	secret := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secret, []byte("secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig([]byte(fmt.Sprintf(`
+issuers:
+  - name: main
+    issuer: "%s"
+    audiences: [api]
+    jwks_uri: "%s"
+    algorithms: [ES256]
+    introspection: { endpoint: "%s", client_id: authz, client_secret_file: "%s" }
+routes:
+  - { name: all, match: { path_prefix: / } }
+`, idp.URL(), idp.JWKSURL(), idp.IntrospectionURL(), secret)), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := runService(t, cfg, nil, nil)
+	traceID := "4bf92f3577b34da6a3ce929d0e0e4736"
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "traceparent", "00-"+traceID+"-00f067aa0ba902b7-01")
+	opaque := idp.Opaque(map[string]any{"active": true, "sub": "u1", "aud": "api", "iss": idp.URL()})
+	resp, err := authv3.NewAuthorizationClient(svc.conn).Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{Method: "GET", Path: "/x", Host: "api",
+			Headers: map[string]string{"authorization": "Bearer " + opaque}}}}})
+	if err != nil || resp.GetStatus().GetCode() != 0 {
+		t.Fatalf("check: %v %v", err, resp.GetStatus())
+	}
+	if tp := idp.LastRequest().Header.Get("traceparent"); !strings.Contains(tp, traceID) {
+		t.Errorf("the introspection call carried traceparent %q, want Envoy's trace %s", tp, traceID)
+	}
 }
