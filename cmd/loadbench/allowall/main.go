@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/genproto/googleapis/rpc/status"
@@ -50,7 +51,9 @@ func main() {
 	// The load script reads the ports from here: gRPC, then HTTP.
 	fmt.Println(lis.Addr().String())
 	fmt.Println(hlis.Addr().String())
-	gs := grpc.NewServer()
+	// The same stream-worker pool as tokenauthz serve, so the yardstick
+	// differs from it by the decision alone.
+	gs := grpc.NewServer(grpc.NumStreamWorkers(uint32(max(64, 16*runtime.GOMAXPROCS(0)))))
 	authv3.RegisterAuthorizationServer(gs, allowAll{})
 	reflection.Register(gs)
 	if err := gs.Serve(lis); err != nil {
