@@ -39,10 +39,10 @@ func (nopObserver) Throttled(string, string)                            {}
 
 // telemetry is what every part of a Verifier reports to.
 type telemetry struct {
-	tracer trace.Tracer
-	obs    Observer
-	tp     trace.TracerProvider
-	prop   propagation.TextMapPropagator
+	tracer    trace.Tracer
+	obs       Observer
+	tp        trace.TracerProvider
+	prop      propagation.TextMapPropagator
 	callTrace func(context.Context) context.Context // Options.CallTrace
 	// untraced: tp is the no-op provider (no exporter), whose spans would
 	// only be allocated and dropped.
