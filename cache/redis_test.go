@@ -389,8 +389,10 @@ func TestRevocationsSurviveRedisLosingData(t *testing.T) {
 	eventuallyTrue(t, "alice and bob written back after the restart", func() bool { return keys() == 2 })
 	c := newPod()
 	eventuallyTrue(t, "a pod started after the restart refuses alice and bob", func() bool { return revoked(c, "alice") && revoked(c, "bob") })
-	if a.WrittenBack.Load() < 3 {
-		t.Errorf("written back %d, want at least 3", a.WrittenBack.Load())
+	// Pod b holds alice too, so after the restart either pod may be the one
+	// that writes her back: count both.
+	if n := a.WrittenBack.Load() + b.WrittenBack.Load(); n < 3 {
+		t.Errorf("written back %d times by pods a and b, want at least 3 (alice twice, bob once)", n)
 	}
 	// TTLs survive the write-back.
 	if ttl := rs.Client().PTTL(ctx, "tokenauthz:v1:deny:3:"+cache.Hash(iss, "bob")).Val(); ttl < 50*time.Minute || ttl > time.Hour {
