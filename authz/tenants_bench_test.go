@@ -8,7 +8,6 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
-	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/tokenauthz/tokenauthz/authz"
 	"github.com/tokenauthz/tokenauthz/verify"
@@ -34,15 +33,7 @@ func BenchmarkTenantsWarm(b *testing.B) {
 				Routes:  []authz.RouteConfig{{Name: "all", Match: authz.Match{PathPrefix: "/"}, Scopes: []string{"read"}}},
 				Headers: authz.ClaimHeaders(map[string]string{"x-user-id": "sub", "x-user-scopes": "scope", "x-tenant": "tenant"}),
 			}
-			v, err := verify.New(cfg.Issuers, verify.Options{VerifiedTokens: verify.VerifiedCacheOptions{MaxBytes: 256 << 20}})
-			if err != nil {
-				b.Fatal(err)
-			}
-			srv, err := authz.NewServer(cfg, v, nil)
-			if err != nil {
-				b.Fatal(err)
-			}
-			srv.Observe(authz.Observability{TracerProvider: noop.NewTracerProvider()})
+			srv := serverFor(b, cfg, verify.Options{VerifiedTokens: verify.VerifiedCacheOptions{MaxBytes: 256 << 20}})
 			const tokens = 10000
 			reqs := make([]*authv3.CheckRequest, tokens)
 			ctx := context.Background()
