@@ -385,6 +385,11 @@ func TestTwoIssuersSideBySide(t *testing.T) {
 	allowed(t, check(t, c, req{path: "/internal/x", headers: bearer(t1)}))
 	denied(t, check(t, c, req{path: "/internal/x", headers: bearer(t2)}), codes.Unauthenticated, typev3.StatusCode_Unauthorized,
 		"not accepted for this route")
+	// The same once t2 is in the verified-token cache (kept from its second
+	// verification): a hit is still checked against the route's issuers.
+	allowed(t, check(t, c, req{headers: bearer(t2)}))
+	denied(t, check(t, c, req{path: "/internal/x", headers: bearer(t2)}), codes.Unauthenticated, typev3.StatusCode_Unauthorized,
+		"not accepted for this route")
 	// A partner key cannot sign a corp token: iss picks the issuer, and its keys only.
 	forged := idptest.Mint(t, &idptest.Key{Kid: "a1", Alg: "ES256", Private: k2.Private}, idp1.Claims(aud))
 	denied(t, check(t, c, req{headers: bearer(forged)}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)

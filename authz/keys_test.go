@@ -65,7 +65,10 @@ func TestKeyRotation(t *testing.T) {
 	k1, k2 := idptest.NewKey(t, "k1", "RS256"), idptest.NewKey(t, "k2", "ES256")
 	idp, cfg := remoteFixture(t, verify.KeysConfig{}, k1)
 	c := start(t, cfg, nil)
-	allowed(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}))
+	old := idptest.Mint(t, k1, idp.Claims(aud))
+	for range 2 { // kept in the verified-token cache from the second
+		allowed(t, check(t, c, req{headers: bearer(old)}))
+	}
 	idp.SetKeys(k2) // rotate: k2 published, k1 withdrawn
 	var wg sync.WaitGroup
 	for i := 0; i < 20; i++ {
@@ -79,7 +82,8 @@ func TestKeyRotation(t *testing.T) {
 	if got := idp.JWKSHits.Load(); got != 2 {
 		t.Fatalf("rotation took %d fetches, want 2 (load + one refetch)", got)
 	}
-	// The withdrawn key no longer verifies.
+	// The withdrawn key no longer verifies, not even a token the cache holds.
+	denied(t, check(t, c, req{headers: bearer(old)}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
 	denied(t, check(t, c, req{headers: bearer(idptest.Mint(t, k1, idp.Claims(aud)))}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
 }
 

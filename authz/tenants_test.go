@@ -176,7 +176,9 @@ func TestTenantsFileReloaded(t *testing.T) {
 	write("# tenants\nacme\n\n")
 	c, _ := startTenants(t, tenantConfig(idp, verify.TenantsConfig{File: file}), verify.Options{})
 	acme, globex := idp.Mint("acme", "api", nil), idp.Mint("globex", "api", nil)
-	allowed(t, check(t, c, req{path: "/orders/acme/1", headers: bearer(acme)}))
+	for range 2 { // kept in the verified-token cache from the second
+		allowed(t, check(t, c, req{path: "/orders/acme/1", headers: bearer(acme)}))
+	}
 	denied(t, check(t, c, req{path: "/orders/globex/1", headers: bearer(globex)}), codes.Unauthenticated, typev3.StatusCode_Unauthorized)
 
 	write("acme\nglobex\n../bad line\n")
@@ -373,7 +375,9 @@ func TestTenantsAllowListReload(t *testing.T) {
 	cfg := tenantConfig(idp, verify.TenantsConfig{Allow: []string{"acme"}})
 	c, v := startTenants(t, cfg, verify.Options{})
 	acme, globex := idp.Mint("acme", "api", nil), idp.Mint("globex", "api", nil)
-	allowed(t, check(t, c, req{path: "/orders/acme/1", headers: bearer(acme)}))
+	for range 2 { // kept in the verified-token cache: the reload refuses it all the same
+		allowed(t, check(t, c, req{path: "/orders/acme/1", headers: bearer(acme)}))
+	}
 
 	next := tenantConfig(idp, verify.TenantsConfig{Allow: []string{"globex"}})
 	nv, err := v.Reload(next.Issuers)

@@ -45,12 +45,14 @@ func TestVerifiedTokenCache(t *testing.T) {
 	}
 	c := startWith(t, f.cfg, v)
 
+	// A token used once is not kept (cache.Doorkeeper): one used again is,
+	// from its second verification on.
 	tok := f.jwt(t)
-	for range 3 {
+	for range 4 {
 		allowed(t, check(t, c, req{path: "/orders/1", headers: bearer(tok)}))
 	}
-	if obs.get("tokens/origin") != 1 || obs.get("tokens/memory") != 2 {
-		t.Fatalf("3 checks of one token: %v, want 1 verification and 2 cache hits", obs.n)
+	if obs.get("tokens/origin") != 2 || obs.get("tokens/memory") != 2 {
+		t.Fatalf("4 checks of one token: %v, want 2 verifications and 2 cache hits", obs.n)
 	}
 	// A hit still goes through the route's own checks.
 	denied(t, check(t, c, req{path: "/nobody", headers: bearer(tok)}), codes.PermissionDenied, typev3.StatusCode_Forbidden, "never-granted")
@@ -59,8 +61,13 @@ func TestVerifiedTokenCache(t *testing.T) {
 	short["exp"] = f.clk.Unix() + 10
 	shortTok := idptest.Mint(t, f.key, short)
 	allowed(t, check(t, c, req{headers: bearer(shortTok)}))
+	allowed(t, check(t, c, req{headers: bearer(shortTok)})) // kept now
 	f.clk.Add(9 * time.Second)
+	hits := obs.get("tokens/memory")
 	allowed(t, check(t, c, req{headers: bearer(shortTok)}))
+	if obs.get("tokens/memory") != hits+1 {
+		t.Fatalf("a kept token before its exp was verified again: %v", obs.n)
+	}
 	f.clk.Add(time.Second)
 	denied(t, check(t, c, req{headers: bearer(shortTok)}), codes.Unauthenticated, typev3.StatusCode_Unauthorized, "expired")
 

@@ -154,3 +154,53 @@ func TestBoundedByBytes(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+func TestDoorkeeperAdmitsOnSecondOffer(t *testing.T) {
+	d := cache.NewDoorkeeper(1 << 12)
+	if d.Admit("a") {
+		t.Fatal("a key offered once was admitted")
+	}
+	if !d.Admit("a") || !d.Admit("a") {
+		t.Fatal("a key offered again was not admitted")
+	}
+	// Keys offered once each are not admitted (a slot that a fingerprint
+	// collision admits early is possible in principle, at odds of about
+	// 2^-50 here).
+	for i := range 10_000 {
+		if d.Admit(fmt.Sprint("once-", i)) {
+			t.Fatalf("once-%d admitted on its first offer", i)
+		}
+	}
+	// A table four times larger than the keys offered since remembers most
+	// of them (a direct-mapped slot is lost only to a key of the same slot).
+	d = cache.NewDoorkeeper(1 << 14)
+	for i := range 4096 {
+		d.Admit(fmt.Sprint("k", i))
+	}
+	kept := 0
+	for i := range 4096 {
+		if d.Admit(fmt.Sprint("k", i)) {
+			kept++
+		}
+	}
+	if kept < 3000 {
+		t.Errorf("%d of 4096 keys remembered in 16384 slots", kept)
+	}
+}
+
+func TestDoorkeeperConcurrent(t *testing.T) {
+	d := cache.NewDoorkeeper(1024)
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := range 5000 {
+				d.Admit(fmt.Sprint(w, "-", i%300))
+			}
+		})
+	}
+	wg.Wait()
+	d.Admit("after")
+	if !d.Admit("after") {
+		t.Error("a key offered twice after the run was not admitted")
+	}
+}

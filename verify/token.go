@@ -64,26 +64,37 @@ func parseJWT(raw string) (*jwt, error) {
 	if h == "" || p == "" {
 		return nil, invalid("malformed", "token has an empty segment")
 	}
-	hb, err := b64.DecodeString(h)
+	// The three parts decode into one buffer, and the header and payload
+	// are copied once into the string their decoded values slice. Errors
+	// are reported in this order all the same: the header's first, so that
+	// alg none is named as such.
+	buf := make([]byte, 0, b64.DecodedLen(len(h))+b64.DecodedLen(len(p))+b64.DecodedLen(len(s)))
+	buf, err := b64.AppendDecode(buf, []byte(h))
 	if err != nil {
 		return nil, invalid("malformed", "token header is not base64url")
 	}
+	hn := len(buf)
+	buf, perr := b64.AppendDecode(buf, []byte(p))
+	pn := len(buf) - hn
+	var serr error
+	if perr == nil {
+		buf, serr = b64.AppendDecode(buf, []byte(s))
+	}
+	src := string(buf[:hn+pn])
 	t := &jwt{signingInput: raw[:len(h)+1+len(p)]}
-	// The header goes first so that alg none is named as such.
-	if err := t.parseHeader(hb); err != nil {
+	if err := t.parseHeader(src[:hn]); err != nil {
 		return nil, err
 	}
-	if s == "" {
+	switch {
+	case s == "":
 		return nil, invalid("malformed", "token has no signature")
-	}
-	pb, err := b64.DecodeString(p)
-	if err != nil {
+	case perr != nil:
 		return nil, invalid("malformed", "token payload is not base64url")
-	}
-	if t.signature, err = b64.DecodeString(s); err != nil {
+	case serr != nil:
 		return nil, invalid("malformed", "token signature is not base64url")
 	}
-	if t.claims, err = decodeObject(pb); err != nil {
+	t.signature = buf[hn+pn:]
+	if t.claims, err = decodeString(src[hn:]); err != nil {
 		return nil, invalid("malformed", "token payload: "+err.Error())
 	}
 	return t, nil
@@ -94,7 +105,7 @@ func parseJWT(raw string) (*jwt, error) {
 // typ and cty, and whether the members refused below are present at all
 // (with any value, null included). Checks run after the whole header read
 // as valid JSON, so a broken header is named malformed first.
-func (t *jwt) parseHeader(hb []byte) error {
+func (t *jwt) parseHeader(src string) error {
 	var (
 		cty       string
 		notString string
@@ -109,7 +120,7 @@ func (t *jwt) parseHeader(hb []byte) error {
 		hasX5U
 		hasX5C
 	)
-	err := walkObject(hb, func(dec *jsontext.Decoder, name string) error {
+	err := walkObject(src, func(dec *jsontext.Decoder, name string) error {
 		var dst *string
 		switch name {
 		case "alg":
@@ -136,22 +147,19 @@ func (t *jwt) parseHeader(hb []byte) error {
 			refused |= hasX5C
 		}
 		if dst == nil {
-			_, err := readValue(dec) // checked as thoroughly as a kept one
+			_, err := readValue(dec, src) // checked as thoroughly as a kept one
 			return err
 		}
 		if dec.PeekKind() != '"' {
 			if notString == "" {
 				notString = name
 			}
-			_, err := readValue(dec)
+			_, err := readValue(dec, src)
 			return err
 		}
-		tok, err := dec.ReadToken()
-		if err != nil {
-			return jsonError(err)
-		}
-		*dst = tok.String()
-		return nil
+		var err error
+		*dst, err = readString(dec, src)
+		return err
 	})
 	if err != nil {
 		return invalid("malformed", "token header: "+err.Error())
@@ -197,9 +205,18 @@ func (t *jwt) parseHeader(hb []byte) error {
 // everything once more before decoding) was a third of a new token's cost
 // besides its signature.
 func decodeObject(b []byte) (Claims, error) {
+	return decodeString(string(b))
+}
+
+// decodeString is decodeObject of a string. Names, numbers and strings
+// without escapes are slices of src rather than copies: a verified token's
+// claims stay in the verified-token cache, and one pointer-free copy of the
+// payload is cheaper to allocate and for the collector to mark than a
+// string per name and value.
+func decodeString(src string) (Claims, error) {
 	m := Claims{}
-	err := walkObject(b, func(dec *jsontext.Decoder, name string) error {
-		v, err := readValue(dec)
+	err := walkObject(src, func(dec *jsontext.Decoder, name string) error {
+		v, err := readValue(dec, src)
 		m[name] = v
 		return err
 	})
@@ -211,20 +228,21 @@ func decodeObject(b []byte) (Claims, error) {
 
 // checkJSON applies decodeObject's rules without keeping anything.
 func checkJSON(b []byte) error {
-	return walkObject(b, func(dec *jsontext.Decoder, _ string) error {
-		_, err := readValue(dec)
+	src := string(b)
+	return walkObject(src, func(dec *jsontext.Decoder, _ string) error {
+		_, err := readValue(dec, src)
 		return err
 	})
 }
 
-// walkObject reads b as one JSON object and nothing after it, calling member
-// for each name; member must read the name's value from dec.
-func walkObject(b []byte, member func(dec *jsontext.Decoder, name string) error) error {
+// walkObject reads src as one JSON object and nothing after it, calling
+// member for each name; member must read the name's value from dec.
+func walkObject(src string, member func(dec *jsontext.Decoder, name string) error) error {
 	jd := jsonCheckers.Get().(*jsonChecker)
 	defer jsonCheckers.Put(jd)
-	jd.r.Reset(b)
+	jd.r.Reset(src)
 	jd.dec.Reset(&jd.r)
-	defer jd.r.Reset(nil) // no reference to b kept in the pool
+	defer jd.r.Reset("") // no reference to src kept in the pool
 	dec := &jd.dec
 	tok, err := dec.ReadToken()
 	if err != nil {
@@ -234,11 +252,11 @@ func walkObject(b []byte, member func(dec *jsontext.Decoder, name string) error)
 		return fmt.Errorf("not a JSON object")
 	}
 	for dec.PeekKind() != '}' {
-		tok, err := dec.ReadToken()
+		name, err := readString(dec, src)
 		if err != nil {
-			return jsonError(err)
+			return err
 		}
-		if err := member(dec, tok.String()); err != nil {
+		if err := member(dec, name); err != nil {
 			return err
 		}
 	}
@@ -251,17 +269,46 @@ func walkObject(b []byte, member func(dec *jsontext.Decoder, name string) error)
 	return nil
 }
 
-// readValue reads the next value from dec, whole.
-func readValue(dec *jsontext.Decoder) (any, error) {
+// readString reads the next string (a name or a value) from dec, which
+// reads src: the slice of src between its quotes when it has no escape
+// (jsontext has checked its UTF-8), else its unescaped copy.
+func readString(dec *jsontext.Decoder, src string) (string, error) {
+	raw, err := dec.ReadValue()
+	if err != nil {
+		return "", jsonError(err)
+	}
+	if len(raw) < 2 || raw[0] != '"' {
+		return "", fmt.Errorf("invalid JSON")
+	}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		end := int(dec.InputOffset())
+		return src[end-len(raw)+1 : end-1], nil
+	}
+	s, err := jsontext.AppendUnquote(nil, raw)
+	if err != nil {
+		return "", jsonError(err)
+	}
+	return string(s), nil
+}
+
+// readValue reads the next value from dec, which reads src, whole.
+func readValue(dec *jsontext.Decoder, src string) (any, error) {
+	switch dec.PeekKind() {
+	case '"':
+		return readString(dec, src)
+	case '0':
+		raw, err := dec.ReadValue()
+		if err != nil {
+			return nil, jsonError(err)
+		}
+		end := int(dec.InputOffset())
+		return json.Number(src[end-len(raw) : end]), nil
+	}
 	tok, err := dec.ReadToken()
 	if err != nil {
 		return nil, jsonError(err)
 	}
 	switch tok.Kind() {
-	case '"':
-		return tok.String(), nil
-	case '0':
-		return json.Number(tok.String()), nil
 	case 't', 'f':
 		return tok.Bool(), nil
 	case 'n':
@@ -272,12 +319,11 @@ func readValue(dec *jsontext.Decoder) (any, error) {
 		}
 		m := map[string]any{}
 		for dec.PeekKind() != '}' {
-			tok, err := dec.ReadToken()
+			name, err := readString(dec, src)
 			if err != nil {
-				return nil, jsonError(err)
+				return nil, err
 			}
-			name := tok.String() // tok is only valid until the next read
-			v, err := readValue(dec)
+			v, err := readValue(dec, src)
 			if err != nil {
 				return nil, err
 			}
@@ -291,7 +337,7 @@ func readValue(dec *jsontext.Decoder) (any, error) {
 		}
 		l := []any{}
 		for dec.PeekKind() != ']' {
-			v, err := readValue(dec)
+			v, err := readValue(dec, src)
 			if err != nil {
 				return nil, err
 			}
@@ -335,7 +381,7 @@ func truncate(s string, n int) string {
 // jsonChecker is a reusable tokenizer: a jsontext.Decoder's buffers are
 // most of what a fresh one costs.
 type jsonChecker struct {
-	r   bytes.Reader
+	r   strings.Reader
 	dec jsontext.Decoder
 }
 

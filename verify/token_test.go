@@ -98,7 +98,7 @@ func TestHeaderMembersByPresence(t *testing.T) {
 		`{"alg":"RS256","kid":"k","typ":"JWT"}`: "",
 	} {
 		tk := &jwt{}
-		err := tk.parseHeader([]byte(hdr))
+		err := tk.parseHeader(hdr)
 		switch {
 		case want == "" && err != nil:
 			t.Errorf("%s: %v", hdr, err)
@@ -107,7 +107,7 @@ func TestHeaderMembersByPresence(t *testing.T) {
 		}
 	}
 	tk := &jwt{}
-	if err := tk.parseHeader([]byte(`{"alg":"RS256","kid":"k\u00e9","typ":"at+jwt","extra":[1,{"a":null}]}`)); err != nil || tk.alg != "RS256" || tk.kid != "ké" || tk.typ != "at+jwt" {
+	if err := tk.parseHeader(`{"alg":"RS256","kid":"k\u00e9","typ":"at+jwt","extra":[1,{"a":null}]}`); err != nil || tk.alg != "RS256" || tk.kid != "ké" || tk.typ != "at+jwt" {
 		t.Errorf("got %+v, %v", tk, err)
 	}
 }

@@ -56,7 +56,9 @@ type Options struct {
 // is recognised by its SHA-256 and its claims reused, without parsing or
 // signature work, until its exp (plus leeway) or MaxTTL. Route checks,
 // revocation and introspection still run on every request; an entry is
-// ignored once its issuer's config or keys change.
+// ignored once its issuer's config or keys change. A token is kept from its
+// second verification on (cache.Doorkeeper): one presented once, as by a
+// client that mints a token per request, is never kept.
 type VerifiedCacheOptions struct {
 	// MaxBytes bounds its memory. Default 32 MiB.
 	MaxBytes uint64
@@ -88,6 +90,7 @@ type Verifier struct {
 	now           func() time.Time
 	answers       *answers
 	verified      *cache.Cache[*verified] // nil when disabled
+	door          *cache.Doorkeeper       // admits to verified a token seen before
 	dpop          *dpopMemory             // DPoP state that outlives reloads
 	shared        *cache.Shared
 	tel           *telemetry
@@ -162,7 +165,10 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 	if o.Shared != nil {
 		answers.Share(o.Shared, "answer:", answerCodec)
 	}
-	var ver *cache.Cache[*verified]
+	var (
+		ver  *cache.Cache[*verified]
+		door *cache.Doorkeeper
+	)
 	if !o.VerifiedTokens.Disabled {
 		if o.VerifiedTokens.MaxBytes == 0 {
 			o.VerifiedTokens.MaxBytes = 32 << 20
@@ -171,10 +177,14 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 			o.VerifiedTokens.MaxTTL = 10 * time.Minute
 		}
 		ver = cache.New(cache.Options{MaxBytes: o.VerifiedTokens.MaxBytes, Now: o.Now}, func(e *verified) int { return e.size })
+		// A slot for every 256 bytes of the cache (1/32 of it again, 1 MiB
+		// by default): a cached token weighs 2-3 times that, so a token
+		// used once is remembered while the cache turns over several times.
+		door = cache.NewDoorkeeper(int(min(o.VerifiedTokens.MaxBytes/256, 1<<24)))
 	}
 	v, err := build(cfgs, o, tel, answers, newDPoPMemory(o.Now), nil)
 	if v != nil {
-		v.verified = ver
+		v.verified, v.door = ver, door
 	}
 	return v, err
 }
@@ -186,7 +196,7 @@ func New(cfgs []IssuerConfig, o Options) (*Verifier, error) {
 func (v *Verifier) Reload(cfgs []IssuerConfig) (*Verifier, error) {
 	nv, err := build(cfgs, v.opts, v.tel, v.answers, v.dpop, v)
 	if nv != nil {
-		nv.verified = v.verified // entries of changed issuers are ignored on use
+		nv.verified, nv.door = v.verified, v.door // entries of changed issuers are ignored on use
 	}
 	return nv, err
 }
@@ -728,6 +738,8 @@ parse:
 	}
 	if v.verified != nil {
 		v.tel.obs.Served("tokens", cache.FromOrigin)
+	}
+	if v.verified != nil && v.door.Admit(key) {
 		ttl := v.opts.VerifiedTokens.MaxTTL
 		if !exp.IsZero() {
 			ttl = min(ttl, exp.Add(is.leeway).Sub(now))

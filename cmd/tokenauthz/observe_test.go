@@ -106,9 +106,11 @@ routes:
 		{"tokenauthz_decision_duration_seconds", map[string]string{"decision": "allow"}, 3},
 		{"tokenauthz_decision_duration_seconds", nil, 5},
 		{"tokenauthz_keyset_fetches_total", map[string]string{"issuer": "main", "result": "ok"}, 1},
-		{"tokenauthz_cache_lookups_total", map[string]string{"kind": "keys"}, 1}, // then the verified-token cache answers
-		{"tokenauthz_cache_lookups_total", map[string]string{"kind": "tokens", "tier": "origin"}, 1},
-		{"tokenauthz_cache_lookups_total", map[string]string{"kind": "tokens", "tier": "memory"}, 2},
+		// Verified twice (a token is kept from its second verification),
+		// then the verified-token cache answers.
+		{"tokenauthz_cache_lookups_total", map[string]string{"kind": "keys"}, 2},
+		{"tokenauthz_cache_lookups_total", map[string]string{"kind": "tokens", "tier": "origin"}, 2},
+		{"tokenauthz_cache_lookups_total", map[string]string{"kind": "tokens", "tier": "memory"}, 1},
 		{"tokenauthz_build_info", nil, 1},
 	} {
 		if got := value(fams, c.name, c.labels); got != c.want {
