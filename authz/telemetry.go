@@ -144,16 +144,17 @@ func (s *Server) Observe(o Observability) {
 	s.obs = o
 }
 
-// startSpan opens the decision span. Its parent is the trace context Envoy
-// put in the call's gRPC metadata (the otelgrpc server span continues it;
-// without that handler the metadata's context is the direct parent).
+// startSpan opens the decision span, the server span of the check: no
+// transport adds one of its own (an otelgrpc server span under it cost as
+// much again as the decision span, for the same interval). Its parent is
+// the trace context Envoy put in the call's gRPC metadata.
 //
-// When the metadata carries none, the span belongs to the call's own trace
-// (under the gRPC server span, or as a root) and links to the request's
-// traceparent or b3 context: parenting it there would put it in a trace
-// nobody else records (Envoy sent no context) or one the request marked not
-// sampled, where it would be dropped; as it is, every check exports its
-// spans, and none is an orphan.
+// When the metadata carries none, the span is the root of a trace of its
+// own (or continues a span the caller's ctx holds) and links to the
+// request's traceparent or b3 context: parenting it there would put it in a
+// trace nobody else records (Envoy sent no context) or one the request
+// marked not sampled, where it would be dropped; as it is, every check
+// exports its spans, and none is an orphan.
 //
 // linked is the request's context when the span links to it (invalid
 // otherwise), for the decision log.
@@ -172,12 +173,12 @@ func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContex
 	if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
 		parent := ctx
 		if !trace.SpanContextFromContext(ctx).IsValid() {
-			parent = mctx // no gRPC server span to continue: Envoy's span is the parent
+			parent = mctx // no span of the caller's to continue: Envoy's span is the parent
 		}
-		ctx, span := o.tracer.Start(parent, "tokenauthz.check")
+		ctx, span := o.tracer.Start(parent, "tokenauthz.check", serverSpan...)
 		return ctx, span, linked
 	}
-	var opts []trace.SpanStartOption
+	opts := serverSpan[:1:1]
 	if linked = trace.SpanContextFromContext(o.Propagator.Extract(context.Background(), requestCarrier{h})); linked.IsValid() {
 		opts = append(opts, trace.WithLinks(trace.Link{SpanContext: linked,
 			Attributes: []attribute.KeyValue{attribute.String("tokenauthz.link", "request")}}))
@@ -188,6 +189,8 @@ func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContex
 	ctx, span := o.tracer.Start(ctx, "tokenauthz.check", opts...)
 	return ctx, span, linked
 }
+
+var serverSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindServer)}
 
 // CallTrace returns a function that gives ctx the trace context Envoy put
 // in the gRPC call's metadata, read with prop, when ctx carries none. Give
@@ -244,6 +247,11 @@ func (o *Observability) endSpan(span trace.Span, d *decision, info DecisionInfo)
 					attrs = append(attrs, semconv.EnduserID(sub))
 				}
 			}
+		}
+		if info.Transport == "grpc" {
+			// What otelgrpc's server span said, now that it is this one.
+			attrs = append(attrs, attribute.String("rpc.system", "grpc"),
+				attribute.String("rpc.service", "envoy.service.auth.v3.Authorization"), attribute.String("rpc.method", "Check"))
 		}
 		span.SetAttributes(attrs...)
 		if info.Decision == "error" {
