@@ -41,8 +41,10 @@ func BenchmarkTenantsWarm(b *testing.B) {
 				tn := fmt.Sprintf("tenant-%05d", i%n)
 				idp.Add(tn)
 				reqs[i] = req{headers: bearer(idp.Mint(tn, aud, map[string]any{"scope": "read write", "n": i}))}.proto()
-				if resp, _ := srv.Check(ctx, reqs[i]); resp.GetStatus().GetCode() != 0 {
-					b.Fatalf("%s: %s", tn, resp.GetStatus().GetMessage())
+				for range 2 { // the verified-token cache keeps a token from its second verification
+					if resp, _ := srv.Check(ctx, reqs[i]); resp.GetStatus().GetCode() != 0 {
+						b.Fatalf("%s: %s", tn, resp.GetStatus().GetMessage())
+					}
 				}
 			}
 			var after runtime.MemStats

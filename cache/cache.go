@@ -35,6 +35,7 @@ type Config struct {
 	Redis *RedisConfig `yaml:"redis"`
 	// VerifiedTokens tunes the in-process cache of tokens that passed local
 	// verification (never shared: verifying is cheaper than a Redis trip).
+	// A token is kept from its second verification on (Doorkeeper).
 	VerifiedTokens VerifiedTokensConfig `yaml:"verified_tokens"`
 }
 
