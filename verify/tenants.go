@@ -334,6 +334,9 @@ func (f *tenantFamily) issuer(tenant string) *Issuer {
 		}
 		return is
 	}
+	// tenant is a slice of the token's decoded payload (decodeString): a
+	// copy, so that the tenant held does not keep its first token's bytes.
+	tenant = strings.Clone(tenant)
 	is := f.instantiate(tenant)
 	f.pending.Set(tenant, is)
 	return is

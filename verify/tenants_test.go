@@ -1,8 +1,12 @@
 package verify
 
 import (
+	"context"
 	"strings"
 	"testing"
+	"unsafe"
+
+	"github.com/tokenauthz/tokenauthz/verify/idptest"
 )
 
 // TestIssuerTemplateShapes: a template puts its one placeholder in the path
@@ -136,5 +140,32 @@ func TestIssuerTemplateValidation(t *testing.T) {
 		Audiences: []string{"api"}, Algorithms: []string{"RS256"}, Tenants: &TenantsConfig{Any: true}}
 	if p := strings.Join(plain.Validate(), "\n"); !strings.Contains(p, "tenants: only used with issuer_template") {
 		t.Errorf("tenants on a plain issuer: %s", p)
+	}
+}
+
+// TestTenantKeepsNoTokenBytes: a token's claims are slices of one copy of
+// its payload (decodeString), so a tenant's name taken from its iss must be
+// copied before the tenant is held: otherwise every tenant would keep its
+// first token's bytes for as long as it is held.
+func TestTenantKeepsNoTokenBytes(t *testing.T) {
+	idp := idptest.NewTenants(t)
+	idp.Add("acme")
+	v, err := New([]IssuerConfig{{Name: "realms", IssuerTemplate: idp.URL() + "/realms/{tenant}", Discovery: true,
+		Tenants: &TenantsConfig{Any: true}, Audiences: []string{"api"}, Algorithms: []string{"ES256"}}}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	v.Start(ctx)
+	res, err := v.Verify(ctx, idp.Mint("acme", "api", nil), Policy{Issuers: []string{"realms"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	iss := res.Claims.String("iss")
+	held := res.Issuer.tenant
+	start, end := uintptr(unsafe.Pointer(unsafe.StringData(iss))), uintptr(unsafe.Pointer(unsafe.StringData(iss)))+uintptr(len(iss))
+	if p := uintptr(unsafe.Pointer(unsafe.StringData(held))); held != "acme" || p >= start && p < end {
+		t.Fatalf("the tenant held (%q) is a slice of the token's iss", held)
 	}
 }
