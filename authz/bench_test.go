@@ -10,12 +10,15 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"testing"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace/noop"
@@ -360,13 +363,30 @@ func BenchmarkCheckWarmDecisionLog(b *testing.B) {
 // sampler and a batching exporter (that discards), and Envoy's trace context
 // in the call's metadata, sampled or not. Against BenchmarkCheckWarm (no
 // exporter) it is the decision span's cost.
+//
+// sampled-otlp exports through the real OTLP/HTTP exporter to a loopback
+// collector that discards: what a sampled check costs the process,
+// transform and marshal included.
 func BenchmarkCheckWarmTraced(b *testing.B) {
 	for _, c := range []struct {
 		name  string
 		flags string
-	}{{"sampled", "01"}, {"not-sampled", "00"}} {
+		otlp  bool
+	}{{"sampled", "01", false}, {"not-sampled", "00", false}, {"sampled-otlp", "01", true}} {
 		b.Run(c.name, func(b *testing.B) {
-			tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(tracetest.NewNoopExporter()))
+			var exp sdktrace.SpanExporter = tracetest.NewNoopExporter()
+			if c.otlp {
+				sink := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					_, _ = io.Copy(io.Discard, r.Body)
+					w.Header().Set("Content-Type", "application/x-protobuf")
+				}))
+				b.Cleanup(sink.Close)
+				var err error
+				if exp, err = otlptracehttp.New(context.Background(), otlptracehttp.WithEndpointURL(sink.URL+"/v1/traces")); err != nil {
+					b.Fatal(err)
+				}
+			}
+			tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp))
 			b.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
 			srv, k, idp := benchServer(b, "RS256", verify.Options{TracerProvider: tp})
 			srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp})

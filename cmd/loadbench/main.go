@@ -3,7 +3,7 @@
 // driven on loopback by ghz with the same payloads, and prints one table
 // with the ratios the README quotes.
 //
-//	go run ./cmd/loadbench            # about 15 minutes on 2 cores (-runs 1: 5)
+//	go run ./cmd/loadbench            # about 20 minutes on 2 cores (-runs 1 -memory 0: 5)
 //
 // It builds both servers, installs ghz if it is not on PATH (go install
 // github.com/bojand/ghz/cmd/ghz@v0.120.0), mints RS256 tokens, and runs the
@@ -16,7 +16,8 @@
 // (served by a multi-tenant provider in this process, each tenant
 // discovered once while warming); and one token with an OTLP exporter
 // configured (to a sink here that discards), Envoy's trace context sampled
-// and not sampled.
+// and not sampled. Last, memory: 2,000,000 never-seen HS256 tokens (-memory),
+// each checked twice, with the server's RSS read along the way (memory.go).
 //
 // Each workload runs -runs times per server, alternating allow-all and
 // tokenauthz, so the machine's drift falls on both; the table shows the
@@ -66,6 +67,7 @@ var (
 	only        = flag.String("only", "", "run only the workloads whose name holds this")
 	runs        = flag.Int("runs", 3, "runs of each server per workload, interleaved (allow-all, tokenauthz, allow-all, ...); medians are reported")
 	tenants     = flag.Int("tenants", 10000, "tenants of the issuer template for the tenants workload")
+	memTokens   = flag.Int("memory", 2_000_000, "distinct tokens for the memory workload (RSS read after 100,000 and at the end); 0 skips it")
 	markdown    = flag.String("markdown", "", "also write the report, with the machine it ran on, into this file between its loadbench markers (docs/performance.md)")
 )
 
@@ -220,8 +222,27 @@ func run() error {
 		}
 		results = append(results, median(per["allowall"]), median(per["tokenauthz"]))
 	}
+	var mem *memoryResult
+	if name := "memory in distinct tokens"; *memTokens > 0 && (*only == "" || strings.Contains(name, *only)) {
+		step(fmt.Sprintf("%s: tokenauthz, %d tokens", name, *memTokens))
+		points := []int{}
+		for _, p := range []int{100_000, 500_000, 1_000_000} {
+			if p < *memTokens {
+				points = append(points, p)
+			}
+		}
+		if mem, err = memoryRun(dir, append(points, *memTokens)); err != nil {
+			return err
+		}
+	}
 	var out bytes.Buffer
-	report(io.MultiWriter(os.Stdout, &out), results, bare, bareES)
+	w := io.MultiWriter(os.Stdout, &out)
+	if len(results) > 0 {
+		report(w, results, bare, bareES)
+	}
+	if mem != nil {
+		mem.report(w)
+	}
 	if *markdown != "" {
 		return writeMarkdown(*markdown, out.String())
 	}
@@ -653,6 +674,13 @@ func measure(dir, ghz, name, cfgPath, data string, warm int, env []string, md st
 
 // allows reads tokenauthz_decisions_total{decision="allow"} from /metrics.
 func (s *server) allows() float64 {
+	return s.series(func(l string) bool {
+		return strings.HasPrefix(l, "tokenauthz_decisions_total{") && strings.Contains(l, `decision="allow"`)
+	})
+}
+
+// series sums the /metrics series whose lines match.
+func (s *server) series(match func(line string) bool) float64 {
 	if s.httpAddr == "" {
 		return 0
 	}
@@ -667,7 +695,7 @@ func (s *server) allows() float64 {
 	b, _ := io.ReadAll(resp.Body)
 	var sum float64
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "tokenauthz_decisions_total{") && strings.Contains(l, `decision="allow"`) {
+		if match(l) {
 			f := strings.Fields(l)
 			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
 			sum += v
