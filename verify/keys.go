@@ -1,12 +1,12 @@
 package verify
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"crypto/sha256"
 	"fmt"
 	"sort"
 	"strings"
@@ -114,7 +114,8 @@ type keySet struct {
 	// refreshAt+MaxStale if refreshes fail.
 	refreshAt time.Time
 	skipped   int          // keys in the document that cannot verify (enc, weak, oct, …)
-	doc       []byte       // the JWKS document, shared with other pods through Redis
+	doc       []byte       // the JWKS document, for publishing to the fleet's Redis tier; nil without one
+	sum       [32]byte     // the document's SHA-256: the same document keeps its generation
 	src       cache.Source // where it was loaded from
 	gen       uint64       // the content's generation (remoteKeys.gen)
 }
@@ -141,7 +142,7 @@ func parseKeySet(b []byte, maxKeys int) (*keySet, error) {
 	if set.Len() > maxKeys {
 		return nil, fmt.Errorf("key set has %d keys, more than the limit of %d", set.Len(), maxKeys)
 	}
-	ks := &keySet{doc: bytes.Clone(b)} // not the read buffer's spare capacity, held for as long as the set
+	ks := &keySet{sum: sha256.Sum256(b)}
 	for i := 0; i < set.Len(); i++ {
 		k, _ := set.Key(i)
 		vk, ok := toVerifyKey(k)

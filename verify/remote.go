@@ -78,8 +78,15 @@ type remoteKeys struct {
 	log        *slog.Logger
 	now        func() time.Time
 
-	cur     atomic.Pointer[keySet]
-	flights singleflight.Group
+	cur atomic.Pointer[keySet]
+	// flights are shared by a tenant family's key sets (each singleflight
+	// group keeps its map once used: 250 bytes a tenant), so flight keys
+	// start with the issuer.
+	flights *singleflight.Group
+	// tenant, for a tenant's key set, is named in log lines (log is the
+	// family's logger: a logger of its own per tenant was another few
+	// hundred bytes held by each).
+	tenant string
 	// shared is the fleet's Redis tier (nil without one); sharedName names
 	// this key set there.
 	shared     *cache.Shared
@@ -116,6 +123,14 @@ type remoteKeys struct {
 	failures      int       // consecutive failed fetches
 	retryAt       time.Time // after a failure: no fetch before this (exponential back-off with jitter)
 	lastRefetchAt time.Time // last unknown-kid refetch
+}
+
+// logger names the tenant, for a tenant's key set.
+func (r *remoteKeys) logger() *slog.Logger {
+	if r.tenant == "" {
+		return r.log
+	}
+	return r.log.With("tenant", r.tenant)
 }
 
 func (r *remoteKeys) loaded() bool     { return r.cur.Load() != nil }
@@ -160,7 +175,7 @@ func (r *remoteKeys) refetch(ctx context.Context, seen *keySet) (*keySet, error)
 		ks  *keySet
 		err error
 	}
-	ch := r.flights.DoChan("refetch", func() (any, error) {
+	ch := r.flights.DoChan(r.issuer+" refetch", func() (any, error) {
 		r.mu.Lock()
 		if !r.lastRefetchAt.IsZero() && r.now().Sub(r.lastRefetchAt) < r.cfg.MinRefreshInterval {
 			// Refetched lately: the answer stands, and so does a failure.
@@ -221,7 +236,7 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 	}
 	// The flight outlives a caller that gives up, but keeps its trace.
 	fctx := context.WithoutCancel(ctx)
-	ch := r.flights.DoChan(flight, func() (any, error) {
+	ch := r.flights.DoChan(r.issuer+" "+flight, func() (any, error) {
 		// have returns a set that makes the fetch unnecessary: for an
 		// unforced fetch, a fresh set held (a pub/sub nudge or resync may
 		// install one at any moment); else a fresh set in Redis newer than
@@ -306,7 +321,7 @@ func (r *remoteKeys) fetchShared(ctx context.Context, seen *keySet) (*keySet, er
 		if err != nil {
 			// For a tenant's issuer, the logger names the tenant (metrics
 			// do not: one label value per tenant is too many).
-			r.log.Warn("key set fetch failed", "issuer", r.issuer, "error", err)
+			r.logger().Warn("key set fetch failed", "issuer", r.issuer, "error", err)
 			if lease != nil {
 				r.shared.MarkUnavailable(ctx, r.sharedName, err.Error(), cache.UnavailableTTL)
 			}
@@ -324,7 +339,7 @@ func (r *remoteKeys) install(ks *keySet) {
 	r.installMu.Lock()
 	// Tokens verified under other keys must be verified again (a key may
 	// have been withdrawn); the same document keeps its generation.
-	if prev := r.cur.Load(); prev != nil && bytes.Equal(prev.doc, ks.doc) {
+	if prev := r.cur.Load(); prev != nil && prev.sum == ks.sum {
 		ks.gen = prev.gen
 	} else {
 		ks.gen = r.gen.Add(1)
@@ -335,7 +350,7 @@ func (r *remoteKeys) install(ks *keySet) {
 	}
 	r.installMu.Unlock()
 	if prev == nil || !sameKids(prev, ks) {
-		r.log.Info("key set loaded", "issuer", r.issuer, "keys", len(ks.keys), "skipped", ks.skipped,
+		r.logger().Info("key set loaded", "issuer", r.issuer, "keys", len(ks.keys), "skipped", ks.skipped,
 			"refresh_in", ks.refreshAt.Sub(r.now()).Round(time.Second).String())
 	}
 }
@@ -392,7 +407,7 @@ func (r *remoteKeys) decodeShared(p []byte, _ time.Time, ok bool) *keySet {
 	}
 	ks, err := parseKeySet(snap.GetJwks(), r.cfg.MaxKeys)
 	if err != nil {
-		r.log.Warn("key set in redis rejected", "issuer", r.issuer, "error", err)
+		r.logger().Warn("key set in redis rejected", "issuer", r.issuer, "error", err)
 		return nil
 	}
 	ks.fetchedAt = time.Unix(0, snap.GetFetchedUnixNano())
@@ -490,6 +505,9 @@ func (r *remoteKeys) fetch(ctx context.Context) (*keySet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", uri, err)
 	}
+	if r.shared != nil {
+		ks.doc = bytes.Clone(body) // published to the fleet; not the read buffer's spare capacity
+	}
 	now := r.now()
 	ks.fetchedAt = now
 	ks.refreshAt = now.Add(r.refreshAfter(hdr))
@@ -525,7 +543,7 @@ func (r *remoteKeys) metadata(ctx context.Context) (*discoveryDoc, error) {
 	if doc := r.heldDoc(); doc != nil {
 		return doc, nil
 	}
-	ch := r.flights.DoChan("discover", func() (any, error) {
+	ch := r.flights.DoChan(r.issuer+" discover", func() (any, error) {
 		fctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeout)
 		defer cancel()
 		return r.discoverOnce(fctx)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/maypok86/otter/v2"
+	"golang.org/x/sync/singleflight"
 	"golang.org/x/time/rate"
 
 	"github.com/tokenauthz/tokenauthz/cache"
@@ -248,6 +249,7 @@ type tenantFamily struct {
 	now       func() time.Time
 	o         Options
 	mem       *dpopMemory
+	flights   singleflight.Group // the tenants' key fetches (remoteKeys.flights)
 }
 
 func newTenantFamily(root *Issuer, o Options, mem *dpopMemory) (*tenantFamily, error) {
@@ -386,7 +388,7 @@ func (f *tenantFamily) instantiate(tenant string) *Issuer {
 	keys := c.Keys.withDefaults()
 	is.src = &remoteKeys{
 		issuer: c.Issuer, jwksURI: c.JWKSURI, discovery: c.Discovery, otherHosts: c.DiscoveryAllowedHosts, cfg: keys,
-		client: root.tmplClient, log: f.log.With("tenant", tenant), now: f.now,
+		client: root.tmplClient, log: f.log, tenant: tenant, flights: &f.flights, now: f.now,
 		shared: f.shared, sharedName: sharedKeySetName(c), tel: root.tel, issuerName: root.name,
 		lazy: true, gate: f.gate, published: &is.keyGen,
 	}

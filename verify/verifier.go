@@ -18,6 +18,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/tokenauthz/tokenauthz/cache"
 )
@@ -348,8 +349,8 @@ func newIssuer(c IssuerConfig, o Options, tel *telemetry, mem *dpopMemory) (*Iss
 	case c.JWKSURI != "" || c.Discovery:
 		is.src = &remoteKeys{
 			issuer: c.Issuer, jwksURI: c.JWKSURI, discovery: c.Discovery, otherHosts: c.DiscoveryAllowedHosts, cfg: keys,
-			client: newHTTPClient(o.HTTPClient, keys.Timeout),
-			log:    o.Logger.With("issuer_name", c.Name), now: o.Now,
+			client: newHTTPClient(o.HTTPClient, keys.Timeout), flights: new(singleflight.Group),
+			log: o.Logger.With("issuer_name", c.Name), now: o.Now,
 			shared: o.Shared, sharedName: sharedKeySetName(c), tel: tel, issuerName: c.Name, published: &is.keyGen,
 		}
 	case c.JWKSFile != "" || c.JWKS != "":
