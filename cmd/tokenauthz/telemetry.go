@@ -27,10 +27,30 @@ import (
 )
 
 // propagator reads and writes W3C trace context, baggage and B3 (single or
-// multiple headers on extraction), the formats Envoy and Istio use.
+// multiple headers on extraction), the formats Envoy and Istio use. B3 is
+// read last, so it wins when a request carries both, as before.
 func propagator() propagation.TextMapPropagator {
 	return propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{},
-		b3.New(b3.WithInjectEncoding(b3.B3MultipleHeader)))
+		b3IfPresent{b3.New(b3.WithInjectEncoding(b3.B3MultipleHeader))})
+}
+
+// b3IfPresent is the B3 propagator, reading only a carrier that holds a B3
+// header. With none, B3's extraction sets its "deferred" flag in the
+// context and then clears it: two context values that change nothing, two
+// allocations on every traced check.
+type b3IfPresent struct{ propagation.TextMapPropagator }
+
+// b3Headers are the headers B3 extraction reads (Fields lists only those it
+// writes).
+var b3Headers = [...]string{"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"}
+
+func (p b3IfPresent) Extract(ctx context.Context, c propagation.TextMapCarrier) context.Context {
+	for _, h := range b3Headers {
+		if c.Get(h) != "" {
+			return p.TextMapPropagator.Extract(ctx, c)
+		}
+	}
+	return ctx
 }
 
 // exportConfigured reports whether the standard OTEL_* variables ask for
