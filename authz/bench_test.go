@@ -391,8 +391,13 @@ func BenchmarkCheckWarmTraced(b *testing.B) {
 			srv, k, idp := benchServer(b, "RS256", verify.Options{TracerProvider: tp})
 			srv.Observe(authz.Observability{TracerProvider: tp, Propagator: testProp})
 			r := req{headers: bearer(benchToken(b, k, idp))}.proto()
-			ctx := metadata.NewIncomingContext(context.Background(),
-				metadata.Pairs("traceparent", "00-"+envoyTrace+"-"+envoySpan+"-"+c.flags))
+			// The metadata of an ext_authz call from Envoy, as grpc-go hands
+			// it to the server.
+			ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs(
+				":authority", "ext-authz", "content-type", "application/grpc", "user-agent", "envoy/1.37.0",
+				"grpc-accept-encoding", "identity,deflate,gzip", "x-envoy-expected-rq-timeout-ms", "200",
+				"x-request-id", "b0b6c7d4-0a51-4d0b-9a7e-3f6a1c2d9e80",
+				"traceparent", "00-"+envoyTrace+"-"+envoySpan+"-"+c.flags))
 			if resp, _ := srv.Check(ctx, r); resp.GetStatus().GetCode() != 0 {
 				b.Fatal("denied")
 			}

@@ -170,8 +170,7 @@ func (o *Observability) startSpan(ctx context.Context, h *authv3.AttributeContex
 	if o.untraced {
 		return ctx, trace.SpanFromContext(ctx), linked
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	if mctx := o.Propagator.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
+	if mctx := o.Propagator.Extract(ctx, incomingCarrier{ctx}); trace.SpanContextFromContext(mctx).IsRemote() {
 		parent := ctx
 		if !trace.SpanContextFromContext(ctx).IsValid() {
 			parent = mctx // no span of the caller's to continue: Envoy's span is the parent
@@ -208,11 +207,7 @@ func callTrace(ctx context.Context, prop propagation.TextMapPropagator) context.
 	if trace.SpanContextFromContext(ctx).IsValid() {
 		return ctx
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	if len(md) == 0 {
-		return ctx
-	}
-	if mctx := prop.Extract(ctx, metadataCarrier(md)); trace.SpanContextFromContext(mctx).IsRemote() {
+	if mctx := prop.Extract(ctx, incomingCarrier{ctx}); trace.SpanContextFromContext(mctx).IsRemote() {
 		return mctx
 	}
 	return ctx
@@ -306,19 +301,23 @@ func (d *decision) status() int {
 	return int(d.httpStatus)
 }
 
-// metadataCarrier reads trace context from gRPC metadata.
-type metadataCarrier metadata.MD
+// incomingCarrier reads trace context from the call's gRPC metadata, a key
+// at a time: metadata.FromIncomingContext copies every key and value of the
+// call (eight on an ext_authz call from Envoy: nine allocations) to read
+// one or two of them.
+type incomingCarrier struct{ ctx context.Context }
 
-func (m metadataCarrier) Get(k string) string {
-	if v := metadata.MD(m).Get(k); len(v) > 0 {
+func (c incomingCarrier) Get(k string) string {
+	if v := metadata.ValueFromIncomingContext(c.ctx, k); len(v) > 0 {
 		return v[0]
 	}
 	return ""
 }
-func (m metadataCarrier) Set(string, string) {}
-func (m metadataCarrier) Keys() []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
+func (c incomingCarrier) Set(string, string) {}
+func (c incomingCarrier) Keys() []string {
+	md, _ := metadata.FromIncomingContext(c.ctx)
+	out := make([]string, 0, len(md))
+	for k := range md {
 		out = append(out, k)
 	}
 	return out
