@@ -5,7 +5,7 @@
 //
 //	go run ./cmd/loadbench            # about 20 minutes on 2 cores (-runs 1 -memory 0: 5)
 //
-// It builds both servers, installs ghz if it is not on PATH (go install
+// It builds the servers, installs ghz if it is not on PATH (go install
 // github.com/bojand/ghz/cmd/ghz@v0.120.0), mints RS256 tokens, and runs the
 // workloads: one token (warm caches); the same on a route with three CEL
 // conditions and two CEL headers; 10,000 distinct tokens in rotation
@@ -16,8 +16,10 @@
 // (served by a multi-tenant provider in this process, each tenant
 // discovered once while warming); and one token with an OTLP exporter
 // configured (to a sink here that discards), Envoy's trace context sampled
-// and not sampled. Last, memory: 2,000,000 never-seen HS256 tokens (-memory),
-// each checked twice, with the server's RSS read along the way (memory.go).
+// and not sampled; and the one token against OPA-Envoy, rebuilt on OPA's Go
+// SDK (./opaenvoy, its own module: the plugin is not on the module proxy).
+// Last, memory: 2,000,000 never-seen HS256 tokens (-memory), each checked
+// twice, with the server's RSS read along the way (memory.go).
 //
 // Each workload runs -runs times per server, alternating allow-all and
 // tokenauthz, so the machine's drift falls on both; the table shows the
@@ -56,7 +58,11 @@ import (
 	"sync"
 	"time"
 
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/lestrrat-go/jwx/v2/jwk"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protojson"
 )
 
 var (
@@ -101,6 +107,13 @@ func run() error {
 		if out, err := exec.Command("go", "build", "-o", filepath.Join(dir, b[0]), b[1]).CombinedOutput(); err != nil {
 			return fmt.Errorf("go build %s: %v\n%s", b[1], err, out)
 		}
+	}
+	// OPA-Envoy's stand-in is a module of its own (OPA is big): built in
+	// its directory.
+	build := exec.Command("go", "build", "-o", filepath.Join(dir, "opaenvoy"), ".")
+	build.Dir = filepath.Join("cmd", "loadbench", "opaenvoy")
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build opaenvoy: %v\n%s", err, out)
 	}
 	ghz, err := findGhz(dir)
 	if err != nil {
@@ -173,18 +186,21 @@ func run() error {
 		warm       int    // checks sent before measuring (same payloads)
 		cfg        string // tokenauthz's config, if not the common one
 		env        []string
-		metadata   string // gRPC metadata of every call (JSON), for ghz
+		metadata   string   // gRPC metadata of every call (JSON), for ghz
+		servers    []string // the pair compared, if not allow-all and tokenauthz
 	}{
-		{"one token, warm", files["same"], 2000, "", nil, ""},
-		{"warm, 3 CEL whens + 2 CEL headers", files["cel"], 2000, "", nil, ""},
-		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], 2 * *distinct, "", nil, ""},
-		{"every token new", files["new"], 0, "", nil, ""},
-		{"DPoP, new proofs", "", 0, "", nil, ""},
-		{"one token, warm, HTTP", "http:" + one[0], 2000, "", nil, ""},
-		{"one token, warm, decision log", files["same"], 2000, logCfg, nil, ""},
-		{fmt.Sprintf("%d tenants, %d tokens", *tenants, *distinct), files["tenants"], 2 * *distinct, "", nil, ""},
-		{"one token, warm, OTLP, sampled", files["same"], 2000, "", otlp, sampled},
-		{"one token, warm, OTLP, not sampled", files["same"], 2000, "", otlp, unsampled},
+		{"one token, warm", files["same"], 2000, "", nil, "", nil},
+		{"warm, 3 CEL whens + 2 CEL headers", files["cel"], 2000, "", nil, "", nil},
+		{fmt.Sprintf("%d distinct tokens", *distinct), files["distinct"], 2 * *distinct, "", nil, "", nil},
+		{"every token new", files["new"], 0, "", nil, "", nil},
+		{"DPoP, new proofs", "", 0, "", nil, "", nil},
+		{"one token, warm, HTTP", "http:" + one[0], 2000, "", nil, "", nil},
+		{"one token, warm, decision log", files["same"], 2000, logCfg, nil, "", nil},
+		{fmt.Sprintf("%d tenants, %d tokens", *tenants, *distinct), files["tenants"], 2 * *distinct, "", nil, "", nil},
+		{"one token, warm, OTLP, sampled", files["same"], 2000, "", otlp, sampled, nil},
+		{"one token, warm, OTLP, not sampled", files["same"], 2000, "", otlp, unsampled, nil},
+		// The comparison of issue 22: OPA-Envoy's CPU over tokenauthz's.
+		{"one token, warm: OPA-Envoy", files["same"], 2000, "", nil, "", []string{"tokenauthz", "opaenvoy"}},
 	}
 	var results []result
 	for _, w := range workloads {
@@ -204,9 +220,13 @@ func run() error {
 		}
 		// Runs alternate between the servers, so drift of the machine
 		// (other load, frequency, thermal) falls on both alike.
+		pair := []string{"allowall", "tokenauthz"}
+		if w.servers != nil {
+			pair = w.servers
+		}
 		per := map[string][]result{}
 		for run := range *runs {
-			for _, srv := range []string{"allowall", "tokenauthz"} {
+			for _, srv := range pair {
 				step(fmt.Sprintf("%s: %s (run %d of %d)", w.name, srv, run+1, *runs))
 				c := cfgPath
 				if w.cfg != "" {
@@ -220,7 +240,7 @@ func run() error {
 				per[srv] = append(per[srv], r)
 			}
 		}
-		results = append(results, median(per["allowall"]), median(per["tokenauthz"]))
+		results = append(results, median(per[pair[0]]), median(per[pair[1]]))
 	}
 	var mem *memoryResult
 	if name := "memory in distinct tokens"; *memTokens > 0 && (*only == "" || strings.Contains(name, *only)) {
@@ -384,6 +404,9 @@ func writeConfig(dir string, key *rsa.PrivateKey, idpURL string) (string, error)
 	if err != nil {
 		return "", err
 	}
+	if err := os.WriteFile(filepath.Join(dir, "jwks.json"), doc, 0o600); err != nil { // for opaenvoy
+		return "", err
+	}
 	cfg := fmt.Sprintf(`server: { grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", http_authz_addr: "127.0.0.1:0", reflection: true }
 issuers:
   - name: bench
@@ -503,8 +526,14 @@ type server struct {
 
 func start(dir, name, cfgPath string, env []string) (*server, error) {
 	s := &server{}
-	if name == "allowall" {
+	if name == "opaenvoy" || name == "allowall" {
+		// Both print their addresses on stdout: gRPC, then (allow-all) HTTP.
 		s.cmd = exec.Command(filepath.Join(dir, "allowall"))
+		lines := 2
+		if name == "opaenvoy" {
+			s.cmd, lines = exec.Command(filepath.Join(dir, "opaenvoy"), "-jwks", filepath.Join(dir, "jwks.json")), 1
+		}
+		s.cmd.Stderr = os.Stderr
 		out, err := s.cmd.StdoutPipe()
 		if err != nil {
 			return nil, err
@@ -513,15 +542,19 @@ func start(dir, name, cfgPath string, env []string) (*server, error) {
 			return nil, err
 		}
 		rd := bufio.NewReader(out)
-		line, err := rd.ReadString('\n')
-		if err != nil {
-			return nil, err
+		var addrs []string
+		for range lines {
+			line, err := rd.ReadString('\n')
+			if err != nil {
+				s.stop()
+				return nil, fmt.Errorf("%s did not start: %v", name, err)
+			}
+			addrs = append(addrs, strings.TrimSpace(line))
 		}
-		hline, err := rd.ReadString('\n')
-		if err != nil {
-			return nil, err
+		s.grpc = addrs[0]
+		if lines > 1 {
+			s.authz = addrs[1]
 		}
-		s.grpc, s.authz = strings.TrimSpace(line), strings.TrimSpace(hline)
 		return s, nil
 	}
 	s.cmd = exec.Command(filepath.Join(dir, "tokenauthz"), "serve", "--config", cfgPath)
@@ -638,6 +671,12 @@ func measure(dir, ghz, name, cfgPath, data string, warm int, env []string, md st
 	if tok, isHTTP := strings.CutPrefix(data, "http:"); isHTTP {
 		load = func(n int) (*ghzReport, error) { return httpRun(s.authz, tok, n) }
 	}
+	if name == "opaenvoy" {
+		// ghz counts a denying CheckResponse as a gRPC OK: see that it allows.
+		if err := allowsFirst(s.grpc, data); err != nil {
+			return result{}, err
+		}
+	}
 	if warm > 0 {
 		if _, err := load(warm); err != nil {
 			return result{}, err
@@ -670,6 +709,38 @@ func measure(dir, ghz, name, cfgPath, data string, warm int, env []string, md st
 		}
 	}
 	return r, nil
+}
+
+// allowsFirst sends the first request of a ghz data file and fails unless
+// it is allowed.
+func allowsFirst(addr, data string) error {
+	b, err := os.ReadFile(data)
+	if err != nil {
+		return err
+	}
+	var reqs []json.RawMessage
+	if err := json.Unmarshal(b, &reqs); err != nil || len(reqs) == 0 {
+		return fmt.Errorf("%s: no requests (%v)", data, err)
+	}
+	var req authv3.CheckRequest
+	if err := protojson.Unmarshal(reqs[0], &req); err != nil {
+		return err
+	}
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := authv3.NewAuthorizationClient(cc).Check(ctx, &req)
+	if err != nil {
+		return err
+	}
+	if c := resp.GetStatus().GetCode(); c != 0 {
+		return fmt.Errorf("%s denied the first request (code %d)", addr, c)
+	}
+	return nil
 }
 
 // allows reads tokenauthz_decisions_total{decision="allow"} from /metrics.
@@ -705,11 +776,11 @@ func (s *server) series(match func(line string) bool) float64 {
 }
 
 func report(w io.Writer, rs []result, bare, bareES time.Duration) {
-	fmt.Fprintf(w, "\nmedians of %d interleaved runs per server; ratio: tokenauthz's CPU per check over allow-all's\n", *runs)
+	fmt.Fprintf(w, "\nmedians of %d interleaved runs per server; ratio: tokenauthz's CPU per check over allow-all's (OPA-Envoy: its CPU over tokenauthz's)\n", *runs)
 	fmt.Fprintf(w, "\n%-34s %-11s %10s %9s %9s %12s %8s %8s\n", "workload", "server", "checks/s", "p50", "p99", "CPU/check", "ratio", "RSS MiB")
 	for i, r := range rs {
 		ratio := ""
-		if r.server == "tokenauthz" && i > 0 && rs[i-1].cpuPerCheck > 0 {
+		if i%2 == 1 && rs[i-1].cpuPerCheck > 0 {
 			ratio = fmt.Sprintf("%.2fx", float64(r.cpuPerCheck)/float64(rs[i-1].cpuPerCheck))
 		}
 		fmt.Fprintf(w, "%-34s %-11s %10.0f %9s %9s %12s %8s %8.1f\n", r.workload, r.server, r.rps,
@@ -751,6 +822,7 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 	var grpcWarm, grpcFloor, httpWarm, httpFloor, logWarm, logFloor time.Duration
 	var distinctT, distinctFloor, tenantsT, tenantsFloor time.Duration
 	var otlpRuns [][3]any
+	var opa []target
 	tenantsRSS := 0.0
 	for i, r := range rs {
 		switch {
@@ -764,6 +836,9 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 			httpWarm, httpFloor = r.cpuPerCheck, rs[i-1].cpuPerCheck
 		case r.workload == "one token, warm, decision log" && r.server == "tokenauthz":
 			logWarm, logFloor = r.cpuPerCheck, rs[i-1].cpuPerCheck
+		case r.server == "opaenvoy" && rs[i-1].cpuPerCheck > 0:
+			opa = append(opa, target{"OPA-Envoy: CPU per check over tokenauthz's (warm, RS256)",
+				float64(r.cpuPerCheck) / float64(rs[i-1].cpuPerCheck), 7, true})
 		case strings.HasPrefix(r.workload, "one token, warm, OTLP") && r.server == "tokenauthz":
 			otlpRuns = append(otlpRuns, [3]any{r.workload, r.cpuPerCheck, rs[i-1].cpuPerCheck})
 		}
@@ -792,6 +867,7 @@ func report(w io.Writer, rs []result, bare, bareES time.Duration) {
 		ts = append(ts, target{"tenants: CPU vs allow-all, over distinct tokens of one issuer's",
 			(float64(tenantsT) / float64(tenantsFloor)) / (float64(distinctT) / float64(distinctFloor)), 1.05, false})
 	}
+	ts = append(ts, opa...)
 	for _, t := range ts {
 		verdict := "met"
 		if (t.higher && t.got < t.limit) || (!t.higher && t.got > t.limit) {
