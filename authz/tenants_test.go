@@ -462,3 +462,38 @@ func TestNewTenantKeptDuringAFlood(t *testing.T) {
 		t.Errorf("acme: %d discovery and %d key-set requests for 5 tokens during a flood, want 1 and 1", d, j)
 	}
 }
+
+// TestTenantsFirstLoadsConcurrently: the tenants of a family share one
+// group of key-fetch flights, keyed by issuer; tenants loading their keys
+// for the first time at once each get their own key set, never another
+// tenant's flight.
+func TestTenantsFirstLoadsConcurrently(t *testing.T) {
+	idp := idptest.NewTenants(t)
+	cfg := tenantConfig(idp, verify.TenantsConfig{Any: true})
+	cfg.Issuers[0].MaxDiscoveriesPerSecond = 1000
+	c, _ := startTenants(t, cfg, verify.Options{})
+	const tenants = 24
+	var wg sync.WaitGroup
+	errs := make(chan string, 2*tenants)
+	for i := range tenants {
+		tn := fmt.Sprintf("t%02d", i)
+		idp.Add(tn)
+		for range 2 {
+			wg.Go(func() {
+				resp, err := c.Check(context.Background(), req{path: "/orders/" + tn + "/1",
+					headers: bearer(idp.Mint(tn, "api", nil))}.proto())
+				switch {
+				case err != nil:
+					errs <- tn + ": " + err.Error()
+				case resp.GetStatus().GetCode() != 0:
+					errs <- tn + ": " + resp.GetStatus().GetMessage()
+				}
+			})
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+}
